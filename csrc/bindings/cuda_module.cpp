@@ -1,0 +1,118 @@
+// Python module llumnix_kv_core._native_cuda: one-launch scattered copies on
+// the GPU and the CUDA runtime helpers that go with them. The CUDA runtime is
+// linked statically and loads the driver on first use, so this module imports
+// on machines without a driver; calls then raise RuntimeError.
+#include <pybind11/numpy.h>
+#include <pybind11/pybind11.h>
+
+#include <cstdint>
+#include <string>
+
+#include "common.h"
+#include "llumnix_kv/cuda_ops.h"
+#include "llumnix_kv/segments.h"
+
+#ifndef LLUMNIX_KV_VERSION
+#define LLUMNIX_KV_VERSION "0+unknown"
+#endif
+
+namespace py = pybind11;
+namespace kc = llumnix_kv::cuda;
+using llumnix_kv::bindings::as_u64_array;
+using llumnix_kv::bindings::check_same_size;
+using llumnix_kv::bindings::U64Array;
+
+namespace {
+
+void copy_segments(const py::object& src_addrs, const py::object& dst_addrs, const py::object& lengths,
+                   std::uintptr_t stream) {
+  U64Array src = as_u64_array(src_addrs, "src_addrs");
+  U64Array dst = as_u64_array(dst_addrs, "dst_addrs");
+  U64Array len = as_u64_array(lengths, "lengths");
+  check_same_size("src_addrs", src, "lengths", len);
+  check_same_size("dst_addrs", dst, "lengths", len);
+  try {
+    llumnix_kv::checked_total("src_addrs", src.data, len.data, len.size);
+    llumnix_kv::checked_total("dst_addrs", dst.data, len.data, len.size);
+  } catch (const std::invalid_argument& e) {
+    throw py::value_error(e.what());
+  }
+  py::gil_scoped_release release;
+  kc::copy_segments(src.data, dst.data, len.data, len.size, stream);
+}
+
+using nogil = py::call_guard<py::gil_scoped_release>;
+
+}  // namespace
+
+PYBIND11_MODULE(_native_cuda, m) {
+  m.doc() =
+      "llumnix-kv CUDA core: scattered segment copies in one kernel launch, plus runtime helpers.\n"
+      "Pointers, streams and events are plain integers. Errors raise RuntimeError naming the CUDA error.";
+  m.attr("__version__") = LLUMNIX_KV_VERSION;
+  m.attr("IPC_HANDLE_BYTES") = kc::kIpcHandleBytes;
+
+  m.def("runtime_version", &kc::runtime_version, "CUDA runtime version this module was built with (e.g. 13000).");
+  m.def("driver_version", &kc::driver_version, "Installed driver's CUDA version, 0 when no driver is installed.");
+  m.def("device_count", &kc::device_count,
+        "Number of CUDA devices; raises RuntimeError naming the CUDA error when there is no driver or device.");
+  m.def("set_device", &kc::set_device, nogil(), py::arg("device"));
+  m.def("get_device", &kc::get_device);
+  m.def("device_enable_peer_access", &kc::device_enable_peer_access, nogil(), py::arg("peer"),
+        "Let the current device access memory of `peer` (already enabled is not an error).");
+
+  m.def("copy_segments", &copy_segments, py::arg("src_addrs"), py::arg("dst_addrs"), py::arg("lengths"),
+        py::arg("stream") = 0,
+        "Copy lengths[i] bytes from src_addrs[i] to dst_addrs[i] for every i with ONE kernel launch on\n"
+        "`stream` (0 = legacy default stream) of the current device. Addresses may be device, peer-mapped\n"
+        "or pinned host memory. Arguments are 1-D numpy.uint64 arrays of equal length. Asynchronous:\n"
+        "call synchronize(stream) or record an event before reading the destination.");
+  m.def("synchronize", &kc::synchronize, nogil(), py::arg("stream") = 0);
+
+  m.def("malloc", &kc::malloc_device, nogil(), py::arg("nbytes"));
+  m.def("free", &kc::free_device, nogil(), py::arg("ptr"));
+  m.def("malloc_host", &kc::malloc_host, nogil(), py::arg("nbytes"),
+        "Pinned (page-locked, mapped, portable) host memory.");
+  m.def("free_host", &kc::free_host, nogil(), py::arg("ptr"));
+  m.def("memcpy_htod", &kc::memcpy_htod,
+        nogil(), py::arg("dst"), py::arg("src_host_addr"), py::arg("nbytes"));
+  m.def("memcpy_dtoh", &kc::memcpy_dtoh,
+        nogil(), py::arg("dst_host_addr"), py::arg("src"), py::arg("nbytes"));
+  m.def("memset", &kc::memset_device, nogil(), py::arg("dst"),
+        py::arg("value"), py::arg("nbytes"));
+
+  m.def("stream_create", &kc::stream_create, "A new non-blocking stream on the current device.", nogil());
+  m.def("stream_destroy", &kc::stream_destroy, nogil(), py::arg("stream"));
+  m.def("event_create", &kc::event_create, "A new event (timing disabled).", nogil());
+  m.def("event_destroy", &kc::event_destroy, nogil(), py::arg("event"));
+  m.def("event_record", &kc::event_record, nogil(), py::arg("event"),
+        py::arg("stream") = 0);
+  m.def("stream_wait_event", &kc::stream_wait_event,
+        nogil(), py::arg("stream"), py::arg("event"));
+  m.def("event_synchronize", &kc::event_synchronize, nogil(), py::arg("event"));
+  m.def("event_query", &kc::event_query, nogil(), py::arg("event"),
+        "True when all work captured by the event has completed.");
+
+  m.def(
+      "ipc_get_mem_handle",
+      [](std::uintptr_t p) {
+        std::string h;
+        {
+          py::gil_scoped_release release;
+          h = kc::ipc_get_mem_handle(p);
+        }
+        return py::bytes(h);
+      },
+      py::arg("ptr"), "64-byte handle another process can open with ipc_open_mem_handle.");
+  m.def(
+      "ipc_open_mem_handle",
+      [](const py::bytes& handle) {
+        std::string h = handle;
+        py::gil_scoped_release release;
+        return kc::ipc_open_mem_handle(h);
+      },
+      py::arg("handle"));
+  m.def("ipc_close_mem_handle", &kc::ipc_close_mem_handle, nogil(), py::arg("ptr"));
+  m.def(
+      "capabilities", [] { return py::make_tuple("cuda_copy", "cuda_ipc"); }, "Features this build provides.");
+}

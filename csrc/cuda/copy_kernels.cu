@@ -1,0 +1,267 @@
+// One-launch copy of many scattered segments (device, peer-mapped or pinned
+// host memory), plus the host code that builds and uploads the descriptor
+// table for it.
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <cstring>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <utility>
+#include <vector>
+
+#include "check.cuh"
+#include "llumnix_kv/cuda_ops.h"
+
+namespace llumnix_kv {
+namespace cuda {
+
+namespace {
+
+// One non-empty segment; chunks [first_chunk, first_chunk + ceil(len /
+// chunk_bytes)) of the launch belong to it.
+struct alignas(16) SegmentDesc {
+  std::uint64_t src;
+  std::uint64_t dst;
+  std::uint64_t len;
+  std::uint64_t first_chunk;
+};
+
+constexpr int kThreads = 256;
+constexpr int kCtasPerSm = 8;
+constexpr int kUnroll = 4;
+constexpr std::uint64_t kMinChunkBytes = 16 * 1024;   // multiple of 4 KiB keeps alignment
+constexpr std::uint64_t kMaxChunkBytes = 4ull << 20;  // bounds one CTA's share of a segment
+constexpr int kStagingSlots = 4;
+
+// Copies n bytes with W-byte vector accesses; s and d are congruent mod W.
+template <typename V>
+__device__ __forceinline__ void copy_vectors(const unsigned char* s, unsigned char* d, std::uint64_t n) {
+  constexpr std::uint64_t W = sizeof(V);
+  const std::uint64_t tid = threadIdx.x;
+  const std::uint64_t stride = blockDim.x;
+  std::uint64_t head = (W - (reinterpret_cast<std::uintptr_t>(s) & (W - 1))) & (W - 1);
+  if (head > n) head = n;
+  for (std::uint64_t i = tid; i < head; i += stride) d[i] = s[i];
+  s += head;
+  d += head;
+  n -= head;
+  const std::uint64_t nv = n / W;
+  const V* __restrict__ sv = reinterpret_cast<const V*>(s);
+  V* __restrict__ dv = reinterpret_cast<V*>(d);
+  std::uint64_t i = tid;
+  for (; i + (kUnroll - 1) * stride < nv; i += kUnroll * stride) {
+    V r[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) r[u] = sv[i + u * stride];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) dv[i + u * stride] = r[u];
+  }
+  for (; i < nv; i += stride) dv[i] = sv[i];
+  const std::uint64_t done = nv * W;
+  for (std::uint64_t j = done + tid; j < n; j += stride) d[j] = s[j];
+}
+
+__device__ __forceinline__ void copy_range(const unsigned char* s, unsigned char* d, std::uint64_t n) {
+  const std::uintptr_t mis = reinterpret_cast<std::uintptr_t>(s) ^ reinterpret_cast<std::uintptr_t>(d);
+  if ((mis & 15) == 0) {
+    copy_vectors<uint4>(s, d, n);
+  } else if ((mis & 7) == 0) {
+    copy_vectors<uint2>(s, d, n);
+  } else if ((mis & 3) == 0) {
+    copy_vectors<unsigned int>(s, d, n);
+  } else {
+    copy_vectors<unsigned char>(s, d, n);
+  }
+}
+
+// Grid-stride over all chunks of all segments: each CTA takes one chunk at a
+// time, so a large segment is spread over many CTAs and each small one
+// costs one chunk.
+__global__ void __launch_bounds__(kThreads)
+    copy_segments_kernel(const SegmentDesc* __restrict__ descs, std::uint64_t n, std::uint64_t total_chunks,
+                         std::uint64_t chunk_bytes) {
+  std::uint64_t seg = 0;
+  for (std::uint64_t w = blockIdx.x; w < total_chunks; w += gridDim.x) {
+    // Largest seg with first_chunk <= w; w only grows, so search upwards.
+    std::uint64_t lo = seg, hi = n - 1;
+    while (lo < hi) {
+      const std::uint64_t mid = lo + (hi - lo + 1) / 2;
+      if (descs[mid].first_chunk <= w) {
+        lo = mid;
+      } else {
+        hi = mid - 1;
+      }
+    }
+    seg = lo;
+    const SegmentDesc dsc = descs[seg];
+    const std::uint64_t off = (w - dsc.first_chunk) * chunk_bytes;
+    const std::uint64_t len = min(chunk_bytes, dsc.len - off);
+    copy_range(reinterpret_cast<const unsigned char*>(dsc.src) + off, reinterpret_cast<unsigned char*>(dsc.dst) + off,
+               len);
+  }
+}
+
+int sm_count(int device) {
+  static std::mutex mu;
+  static std::map<int, int> cache;
+  std::lock_guard<std::mutex> lock(mu);
+  auto it = cache.find(device);
+  if (it != cache.end()) return it->second;
+  int sms = 0;
+  LLUMNIX_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  if (sms <= 0) sms = 1;
+  cache.emplace(device, sms);
+  return sms;
+}
+
+// Per (device, stream): a device buffer for descriptor tables and a ring of
+// pinned host staging buffers, each reusable once its upload has run.
+struct StreamCache {
+  struct Slot {
+    void* host = nullptr;
+    std::size_t capacity = 0;
+    cudaEvent_t uploaded = nullptr;
+    bool pending = false;
+  };
+  std::mutex mu;
+  void* device_buf = nullptr;
+  std::size_t device_capacity = 0;
+  Slot slots[kStagingSlots];
+  int next = 0;
+};
+
+std::mutex g_cache_mu;
+// Never destroyed: freeing CUDA memory during interpreter shutdown can run
+// after the CUDA runtime has been torn down.
+auto* g_caches = new std::map<std::pair<int, std::uintptr_t>, std::shared_ptr<StreamCache>>();
+
+std::shared_ptr<StreamCache> cache_for(int device, std::uintptr_t stream) {
+  std::lock_guard<std::mutex> lock(g_cache_mu);
+  auto& entry = (*g_caches)[{device, stream}];
+  if (!entry) entry = std::make_shared<StreamCache>();
+  return entry;
+}
+
+void free_cache(StreamCache& c) {
+  for (auto& slot : c.slots) {
+    if (slot.uploaded != nullptr) cudaEventSynchronize(slot.uploaded);
+    if (slot.host != nullptr) cudaFreeHost(slot.host);
+    if (slot.uploaded != nullptr) cudaEventDestroy(slot.uploaded);
+    slot = StreamCache::Slot();
+  }
+  if (c.device_buf != nullptr) cudaFree(c.device_buf);
+  c.device_buf = nullptr;
+  c.device_capacity = 0;
+}
+
+}  // namespace
+
+void release_stream_cache(std::uintptr_t stream) {
+  std::vector<std::shared_ptr<StreamCache>> victims;
+  {
+    std::lock_guard<std::mutex> lock(g_cache_mu);
+    for (auto it = g_caches->begin(); it != g_caches->end();) {
+      if (it->first.second == stream) {
+        victims.push_back(it->second);
+        it = g_caches->erase(it);
+      } else {
+        ++it;
+      }
+    }
+  }
+  if (victims.empty()) return;
+  LLUMNIX_CUDA_CHECK(cudaStreamSynchronize(reinterpret_cast<cudaStream_t>(stream)));
+  for (auto& c : victims) {
+    std::lock_guard<std::mutex> lock(c->mu);
+    free_cache(*c);
+  }
+}
+
+void copy_segments(const std::uint64_t* src, const std::uint64_t* dst, const std::uint64_t* lengths, std::size_t n,
+                   std::uintptr_t stream_handle) {
+  std::uint64_t total = 0, nonempty = 0;
+  for (std::size_t i = 0; i < n; ++i) {
+    if (lengths[i] != 0) {
+      total += lengths[i];
+      ++nonempty;
+    }
+  }
+  if (nonempty == 0) return;
+
+  int device = 0;
+  LLUMNIX_CUDA_CHECK(cudaGetDevice(&device));
+  const std::uint64_t max_ctas = static_cast<std::uint64_t>(sm_count(device)) * kCtasPerSm;
+
+  // About four chunks per CTA for balance, 16 KiB .. 4 MiB, multiple of 4 KiB.
+  std::uint64_t chunk = (total + max_ctas * 4 - 1) / (max_ctas * 4);
+  chunk = (chunk + 4095) & ~std::uint64_t{4095};
+  chunk = std::min(std::max(chunk, kMinChunkBytes), kMaxChunkBytes);
+
+  cudaStream_t stream = reinterpret_cast<cudaStream_t>(stream_handle);
+  std::shared_ptr<StreamCache> cache = cache_for(device, stream_handle);
+  std::lock_guard<std::mutex> lock(cache->mu);
+
+  const std::size_t table_bytes = static_cast<std::size_t>(nonempty) * sizeof(SegmentDesc);
+  StreamCache::Slot& slot = cache->slots[cache->next];
+  cache->next = (cache->next + 1) % kStagingSlots;
+  if (slot.uploaded == nullptr) {
+    LLUMNIX_CUDA_CHECK(cudaEventCreateWithFlags(&slot.uploaded, cudaEventDisableTiming));
+  }
+  if (slot.pending) {
+    // The previous upload from this slot must have been read before the
+    // host overwrites it.
+    LLUMNIX_CUDA_CHECK(cudaEventSynchronize(slot.uploaded));
+    slot.pending = false;
+  }
+  if (slot.capacity < table_bytes) {
+    if (slot.host != nullptr) {
+      LLUMNIX_CUDA_CHECK(cudaFreeHost(slot.host));
+      slot.host = nullptr;
+      slot.capacity = 0;
+    }
+    const std::size_t cap = std::max<std::size_t>(table_bytes + table_bytes / 2, 4096);
+    LLUMNIX_CUDA_CHECK(cudaHostAlloc(&slot.host, cap, cudaHostAllocPortable));
+    slot.capacity = cap;
+  }
+  if (cache->device_capacity < table_bytes) {
+    if (cache->device_buf != nullptr) {
+      // Earlier launches on this stream may still read the old table.
+      LLUMNIX_CUDA_CHECK(cudaStreamSynchronize(stream));
+      LLUMNIX_CUDA_CHECK(cudaFree(cache->device_buf));
+      cache->device_buf = nullptr;
+      cache->device_capacity = 0;
+    }
+    const std::size_t cap = std::max<std::size_t>(std::max(table_bytes, 2 * cache->device_capacity), 4096);
+    LLUMNIX_CUDA_CHECK(cudaMalloc(&cache->device_buf, cap));
+    cache->device_capacity = cap;
+  }
+
+  auto* table = static_cast<SegmentDesc*>(slot.host);
+  std::uint64_t chunks = 0, k = 0;
+  for (std::size_t i = 0; i < n; ++i) {
+    const std::uint64_t len = lengths[i];
+    if (len == 0) continue;
+    table[k].src = src[i];
+    table[k].dst = dst[i];
+    table[k].len = len;
+    table[k].first_chunk = chunks;
+    chunks += (len + chunk - 1) / chunk;
+    ++k;
+  }
+
+  LLUMNIX_CUDA_CHECK(
+      cudaMemcpyAsync(cache->device_buf, slot.host, table_bytes, cudaMemcpyHostToDevice, stream));
+  LLUMNIX_CUDA_CHECK(cudaEventRecord(slot.uploaded, stream));
+  slot.pending = true;
+
+  const unsigned grid = static_cast<unsigned>(std::min<std::uint64_t>(chunks, max_ctas));
+  copy_segments_kernel<<<grid, kThreads, 0, stream>>>(static_cast<const SegmentDesc*>(cache->device_buf), nonempty,
+                                                      chunks, chunk);
+  LLUMNIX_CUDA_CHECK(cudaGetLastError());
+}
+
+}  // namespace cuda
+}  // namespace llumnix_kv

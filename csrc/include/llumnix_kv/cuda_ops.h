@@ -1,0 +1,66 @@
+// Host-side API of the CUDA part of the native core. This header needs no
+// CUDA headers: pointers, streams and events travel as integers. Every
+// function checks each CUDA return code and throws CudaError naming the
+// failing call and the CUDA error (cudaGetErrorName / cudaGetErrorString).
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <stdexcept>
+#include <string>
+
+namespace llumnix_kv {
+namespace cuda {
+
+class CudaError : public std::runtime_error {
+ public:
+  CudaError(int code, const std::string& message) : std::runtime_error(message), code_(code) {}
+  int code() const noexcept { return code_; }
+
+ private:
+  int code_;
+};
+
+// Size of a CUDA IPC memory handle in bytes.
+constexpr std::size_t kIpcHandleBytes = 64;
+
+int runtime_version();
+int driver_version();  // 0 when no driver is installed
+int device_count();    // throws when no driver or no device
+void set_device(int device);
+int get_device();
+void device_enable_peer_access(int peer);  // already-enabled is not an error
+
+// Copies lengths[i] bytes from src[i] to dst[i] for every i with one kernel
+// launch on `stream` (device, peer-mapped or pinned host addresses).
+// Asynchronous with respect to the host.
+void copy_segments(const std::uint64_t* src, const std::uint64_t* dst, const std::uint64_t* lengths, std::size_t n,
+                   std::uintptr_t stream);
+void synchronize(std::uintptr_t stream);
+
+std::uintptr_t malloc_device(std::size_t nbytes);
+void free_device(std::uintptr_t ptr);
+std::uintptr_t malloc_host(std::size_t nbytes);
+void free_host(std::uintptr_t ptr);
+void memcpy_htod(std::uintptr_t dst, std::uintptr_t src_host, std::size_t nbytes);
+void memcpy_dtoh(std::uintptr_t dst_host, std::uintptr_t src, std::size_t nbytes);
+void memset_device(std::uintptr_t dst, int value, std::size_t nbytes);
+
+std::uintptr_t stream_create();
+void stream_destroy(std::uintptr_t stream);
+std::uintptr_t event_create();
+void event_destroy(std::uintptr_t event);
+void event_record(std::uintptr_t event, std::uintptr_t stream);
+void stream_wait_event(std::uintptr_t stream, std::uintptr_t event);
+void event_synchronize(std::uintptr_t event);
+bool event_query(std::uintptr_t event);
+
+std::string ipc_get_mem_handle(std::uintptr_t ptr);
+std::uintptr_t ipc_open_mem_handle(const std::string& handle);
+void ipc_close_mem_handle(std::uintptr_t ptr);
+
+// Drops the cached descriptor buffers of `stream` (called by stream_destroy).
+void release_stream_cache(std::uintptr_t stream);
+
+}  // namespace cuda
+}  // namespace llumnix_kv

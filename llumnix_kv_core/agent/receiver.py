@@ -1,0 +1,301 @@
+"""Receiving side of a KV transfer: pulls a transfer from its sender and tracks it to completion.
+
+Connections are opened (and the handshake done) on a background thread, never on
+the engine's forward thread. Data lands directly in registered memory; a transfer
+that is cancelled or failed is fenced (late frames are dropped, not written) and
+is reported only once no receive thread is still writing into its blocks.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from dataclasses import field
+from typing import Any
+
+from llumnix_kv_core.agent.layers import LayerTable
+from llumnix_kv_core.errors import TransferError
+from llumnix_kv_core.interfaces.transport import Channel
+from llumnix_kv_core.interfaces.transport import Peer
+from llumnix_kv_core.wire import Kind
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class SenderLink:
+    """Our connections to one sender address, after a successful handshake."""
+
+    address: str
+    peer: Peer | None = None
+    ready: threading.Event = field(default_factory=threading.Event)
+    acks: int = 0
+    error: str = ""
+
+
+@dataclass
+class RecvTransfer:
+    tid: str
+    address: str
+    blocks: dict[int, list[int]]
+    start: dict[int, int]
+    state: str = "connecting"  # connecting | pulling | done | failed | cancelled
+    error: str = ""
+    frames: int = 0
+    nbytes: int = 0
+    expected: tuple[int, int] | None = None
+    t_start: float = field(default_factory=time.monotonic)
+    t_done: float = 0.0
+    last_progress: float = field(default_factory=time.monotonic)
+
+
+class KVReceiver:
+    def __init__(
+        self,
+        layers: LayerTable,
+        signature: dict[str, Any],
+        timeout_s: float,
+        connect: Callable[[str], Peer],
+    ) -> None:
+        self.layers = layers
+        self.signature = signature
+        self.timeout_s = timeout_s
+        self.agent_id = uuid.uuid4().hex
+        self._connect = connect
+        self._lock = threading.Condition()
+        self._transfers: dict[str, RecvTransfer] = {}
+        self._links: dict[str, SenderLink] = {}
+        self._channel_link: dict[int, SenderLink] = {}
+        self._inflight: dict[int, str] = {}  # receive-thread ident -> transfer being written
+        self._jobs: queue.Queue[RecvTransfer | None] = queue.Queue()
+        self._stopped = False
+        self.bytes_received = 0
+        self.completed: list[RecvTransfer] = []
+        self._threads = [
+            threading.Thread(target=self._pull_loop, name="llumnix-kv-pull", daemon=True),
+            threading.Thread(target=self._watch_loop, name="llumnix-kv-watch", daemon=True),
+        ]
+        for th in self._threads:
+            th.start()
+
+    # -- engine-facing -----------------------------------------------------------------------
+    def start(self, tid: str, address: str, blocks: dict[int, list[int]], start: dict[int, int]) -> None:
+        t = RecvTransfer(tid, address, blocks, start)
+        with self._lock:
+            if tid in self._transfers:
+                msg = f"transfer {tid} is already being received"
+                raise TransferError(msg)
+            self._transfers[tid] = t
+        self._jobs.put(t)
+
+    def cancel(self, tid: str) -> None:
+        with self._lock:
+            t = self._transfers.get(tid)
+            if t is None or t.state in ("done", "failed", "cancelled"):
+                return
+            was_pulling = t.state == "pulling"
+            t.state, t.error = "cancelled", "cancelled by the engine"
+            link = self._links.get(t.address)
+        if was_pulling and link is not None and link.peer is not None:
+            try:
+                link.peer.channels[0].send_control(Kind.CANCEL, tid)
+            except Exception:
+                log.debug("could not send CANCEL for %s", tid)
+
+    def poll(self) -> tuple[set[str], dict[str, str]]:
+        """(transfers fully received, transfers failed or cancelled -> why); each reported once."""
+        done: set[str] = set()
+        failed: dict[str, str] = {}
+        with self._lock:
+            writing = self._live_inflight()
+            for tid, t in list(self._transfers.items()):
+                if t.state == "done":
+                    done.add(tid)
+                elif t.state in ("failed", "cancelled") and tid not in writing:
+                    failed[tid] = t.error
+                else:
+                    continue
+                del self._transfers[tid]
+        return done, failed
+
+    # -- frames --------------------------------------------------------------------------------
+    def accept_data(self, tid: str) -> bool:
+        with self._lock:
+            t = self._transfers.get(tid)
+            if t is None or t.state != "pulling":
+                return False
+            self._inflight[threading.get_ident()] = tid
+            return True
+
+    def on_data(self, tid: str, nbytes: int) -> None:
+        with self._lock:
+            self._inflight.pop(threading.get_ident(), None)
+            self.bytes_received += nbytes
+            t = self._transfers.get(tid)
+            if t is None or t.state != "pulling":
+                return
+            t.frames += 1
+            t.nbytes += nbytes
+            t.last_progress = time.monotonic()
+            self._check_done(t)
+
+    def on_done(self, tid: str, body: dict[str, Any]) -> None:
+        with self._lock:
+            t = self._transfers.get(tid)
+            if t is None or t.state != "pulling":
+                return
+            t.expected = (int(body.get("frames", -1)), int(body.get("bytes", -1)))
+            t.last_progress = time.monotonic()
+            self._check_done(t)
+
+    def on_hello_ok(self, channel: Channel) -> None:
+        with self._lock:
+            link = self._channel_link.get(id(channel))
+            if link is not None:
+                link.acks += 1
+                self._lock.notify_all()
+
+    def on_error(self, channel: Channel, tid: str | None, body: dict[str, Any]) -> None:
+        why = str(body.get("error", "unspecified error"))
+        with self._lock:
+            link = self._channel_link.get(id(channel))
+            if tid is None:
+                if link is not None:
+                    link.error = why
+                    self._fail_link(link, f"the prefill instance at {link.address} refused: {why}")
+                self._lock.notify_all()
+                return
+            t = self._transfers.get(tid)
+            if t is not None and t.state in ("connecting", "pulling"):
+                t.state, t.error = "failed", f"the prefill instance reported: {why}"
+
+    def on_closed(self, channel: Channel, error: BaseException | None) -> None:
+        with self._lock:
+            self._inflight.pop(threading.get_ident(), None)
+            link = self._channel_link.pop(id(channel), None)
+            if link is None:
+                return
+            if self._links.get(link.address) is link:
+                del self._links[link.address]
+            why = f"connection to the prefill instance at {link.address} closed"
+            self._fail_link(link, f"{why}: {error}" if error else why)
+            self._lock.notify_all()
+        if link.peer is not None:  # not from this receive thread: close() joins it
+            threading.Thread(target=link.peer.close, daemon=True).start()
+
+    def stop(self) -> None:
+        with self._lock:
+            self._stopped = True
+            links = list(self._links.values())
+            self._lock.notify_all()
+        self._jobs.put(None)
+        for link in links:
+            if link.peer is not None:
+                link.peer.close()
+
+    # -- internals (lock held unless noted) ------------------------------------------------------
+    def _check_done(self, t: RecvTransfer) -> None:
+        if t.expected is None or t.frames < t.expected[0]:
+            return
+        if (t.frames, t.nbytes) != t.expected:
+            t.state = "failed"
+            t.error = f"received {t.frames} frames / {t.nbytes} bytes, the sender announced {t.expected}"
+            return
+        t.state, t.t_done = "done", time.monotonic()
+        self.completed.append(t)
+        link = self._links.get(t.address)
+        if link is not None and link.peer is not None:
+            chan = link.peer.channels[0]
+            threading.Thread(target=self._send_quietly, args=(chan, Kind.ACK, t.tid), daemon=True).start()
+
+    @staticmethod
+    def _send_quietly(chan: Channel, kind: Kind, tid: str) -> None:
+        try:
+            chan.send_control(kind, tid)
+        except Exception as exc:
+            log.warning("could not send %s for %s: %s", kind.name, tid, exc)
+
+    def _fail_link(self, link: SenderLink, why: str) -> None:
+        for t in self._transfers.values():
+            if t.address == link.address and t.state in ("connecting", "pulling"):
+                t.state, t.error = "failed", why
+
+    def _live_inflight(self) -> set[str]:
+        alive = {th.ident for th in threading.enumerate()}
+        return {tid for ident, tid in self._inflight.items() if ident in alive}
+
+    def _link(self, address: str) -> SenderLink:
+        """Connected and handshaken link to ``address`` (called on the pull thread)."""
+        with self._lock:
+            link = self._links.get(address)
+            if link is not None:
+                return link
+            link = self._links[address] = SenderLink(address)
+        try:
+            peer = self._connect(address)
+        except Exception:
+            with self._lock:
+                self._links.pop(address, None)
+            raise
+        with self._lock:
+            link.peer = peer
+            for ch in peer.channels:
+                self._channel_link[id(ch)] = link
+        hello = {"agent": self.agent_id, "signature": self.signature, "layers": self.layers.describe()}
+        for i, ch in enumerate(peer.channels):
+            ch.send_control(Kind.HELLO, bytes(16), {**hello, "channel": i})
+        deadline = time.monotonic() + self.timeout_s
+        with self._lock:
+            while link.acks < len(peer.channels) and not link.error and self._links.get(address) is link:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                self._lock.wait(timeout=left)
+            ok = link.acks == len(peer.channels) and not link.error
+            if not ok:
+                self._links.pop(address, None)
+        if not ok:
+            peer.close()
+            why = link.error or f"no handshake answer from {address} within {self.timeout_s:.0f} s"
+            msg = f"handshake with the prefill instance at {address} failed: {why}"
+            raise TransferError(msg)
+        return link
+
+    def _pull_loop(self) -> None:
+        while True:
+            t = self._jobs.get()
+            if t is None:
+                return
+            try:
+                link = self._link(t.address)
+                with self._lock:
+                    if t.state != "connecting":
+                        continue
+                    t.state, t.last_progress = "pulling", time.monotonic()
+                assert link.peer is not None
+                body = {"blocks": {str(g): b for g, b in t.blocks.items()},
+                        "start": {str(g): s for g, s in t.start.items()}}
+                link.peer.channels[0].send_control(Kind.PULL, t.tid, body)
+            except Exception as exc:
+                log.error("transfer %s from %s failed: %s", t.tid, t.address, exc)
+                with self._lock:
+                    if t.state in ("connecting", "pulling"):
+                        t.state, t.error = "failed", str(exc)
+
+    def _watch_loop(self) -> None:
+        while True:
+            with self._lock:
+                if self._stopped:
+                    return
+                self._lock.wait(timeout=0.5)
+                now = time.monotonic()
+                for t in self._transfers.values():
+                    if t.state == "pulling" and now - t.last_progress > self.timeout_s:
+                        t.state = "failed"
+                        t.error = (f"no data from the prefill instance at {t.address} for {self.timeout_s:.0f} s "
+                                   "(raise transfer_timeout_s if prefills are this long)")

@@ -1,0 +1,372 @@
+"""Sending side of a KV transfer: keeps a request's blocks, pushes them to whoever pulls them.
+
+The engine adapter tells the sender which block positions of which layers are
+ready (``layer_ready`` from the forward thread: a list append, no I/O). A planner
+thread turns ready units into coalesced segments once a receiver is attached and
+queues them on the receiver's channels; one thread per channel does the I/O, so
+layer i moves while layer i+1 computes.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from dataclasses import field
+from typing import Any
+
+import numpy as np
+
+from llumnix_kv_core.agent.layers import LayerEntry
+from llumnix_kv_core.agent.layers import LayerTable
+from llumnix_kv_core.agent.layers import remote_layers
+from llumnix_kv_core.errors import IncompatiblePeerError
+from llumnix_kv_core.interfaces.transport import Channel
+from llumnix_kv_core.layout import check_compatible
+from llumnix_kv_core.layout import plan_blocks
+from llumnix_kv_core.wire import Kind
+
+log = logging.getLogger(__name__)
+
+FINAL_STATES = ("acked", "failed", "cancelled", "expired")
+
+
+@dataclass
+class ReceiverPeer:
+    """A receiving agent, known from its HELLO, with the channels it opened to us."""
+
+    agent_id: str
+    layers: dict[str, LayerEntry]
+    channels: dict[int, Channel] = field(default_factory=dict)
+    queues: dict[int, queue.Queue[Callable[[], None] | None]] = field(default_factory=dict)
+
+
+@dataclass
+class SendTransfer:
+    tid: str
+    blocks: dict[int, list[int]]
+    units: list[tuple[str, int, int]] = field(default_factory=list)
+    layer_hi: dict[str, int] = field(default_factory=dict)
+    complete: bool = False
+    sealed: bool = False
+    expires: float = float("inf")
+    peer: ReceiverPeer | None = None
+    dst_blocks: dict[int, list[int]] = field(default_factory=dict)
+    dst_start: dict[int, int] = field(default_factory=dict)
+    planned: int = 0
+    planned_bytes: int = 0
+    frames: int = 0
+    nbytes: int = 0
+    outstanding: int = 0
+    done_queued: bool = False
+    state: str = "open"
+    error: str = ""
+    t_attach: float = 0.0
+    t_done: float = 0.0
+
+
+class KVSender:
+    def __init__(self, layers: LayerTable, signature: dict[str, Any], timeout_s: float) -> None:
+        self.layers = layers
+        self.signature = signature
+        self.timeout_s = timeout_s
+        self._lock = threading.Condition()
+        self._transfers: dict[str, SendTransfer] = {}
+        self._pending_pulls: dict[str, tuple[ReceiverPeer, dict[str, Any], float]] = {}
+        self._peers: dict[str, ReceiverPeer] = {}
+        self._channel_peer: dict[int, tuple[ReceiverPeer, int]] = {}
+        self._released: set[str] = set()
+        self._stopped = False
+        self.bytes_sent = 0
+        self._planner = threading.Thread(target=self._plan_loop, name="llumnix-kv-planner", daemon=True)
+        self._planner.start()
+
+    # -- engine-facing (forward / worker thread; never blocks on I/O) -----------------------
+    def open(self, tid: str, blocks: dict[int, list[int]], ready: dict[int, int] | None = None) -> None:
+        """Announce (or extend with new blocks) a transfer; ``ready[group]`` block positions are computed."""
+        with self._lock:
+            t = self._transfers.get(tid)
+            if t is None:
+                t = self._transfers[tid] = SendTransfer(tid, {g: list(b) for g, b in blocks.items()})
+                for e in self.layers:
+                    self._add_unit(t, e.name, 0, (ready or {}).get(e.group_id, 0))
+                pending = self._pending_pulls.pop(tid, None)
+                if pending is not None:
+                    self._attach(t, pending[0], pending[1])
+            else:
+                for g, b in blocks.items():
+                    t.blocks[g] = list(b)
+            self._lock.notify_all()
+
+    def layer_ready(self, tid: str, layer: str, lo: int, hi: int) -> None:
+        with self._lock:
+            t = self._transfers.get(tid)
+            if t is not None and t.state == "open":
+                self._add_unit(t, layer, lo, hi)
+                self._lock.notify_all()
+
+    def complete(self, tid: str, positions: dict[int, int]) -> None:
+        """Every layer of group g is computed for block positions [0, positions[g])."""
+        with self._lock:
+            t = self._transfers.get(tid)
+            if t is None or t.state != "open":
+                return
+            for e in self.layers:
+                self._add_unit(t, e.name, t.layer_hi.get(e.name, 0), positions.get(e.group_id, 0))
+            t.complete = True
+            self._lock.notify_all()
+
+    def seal(self, tid: str, ok: bool, lease_s: float) -> None:
+        """The engine finished the request; its blocks stay until released (or the lease ends)."""
+        with self._lock:
+            t = self._transfers.get(tid)
+            if t is None:
+                self._released.add(tid)
+                return
+            t.sealed = True
+            t.expires = time.monotonic() + lease_s
+            if not ok and t.state == "open":
+                self._fail(t, "cancelled", "the prefill request was aborted before its prefill completed")
+            self._lock.notify_all()
+
+    def poll_released(self) -> set[str]:
+        """Transfers whose source blocks are no longer read and may be freed."""
+        with self._lock:
+            for t in list(self._transfers.values()):
+                if t.sealed and t.state in FINAL_STATES and t.outstanding == 0:
+                    self._released.add(t.tid)
+                    del self._transfers[t.tid]
+            out, self._released = self._released, set()
+            return out
+
+    # -- frames (transport receive threads) -------------------------------------------------
+    def on_hello(self, channel: Channel, body: dict[str, Any]) -> None:
+        try:
+            check_compatible(self.signature, body.get("signature", {}))
+            layers = remote_layers(body.get("layers", []), self.layers)
+        except IncompatiblePeerError as exc:
+            log.error("refusing receiver %s: %s", channel.peer_name, exc)
+            channel.send_control(Kind.ERROR, bytes(16), {"error": str(exc)})
+            channel.close()
+            return
+        agent_id, index = str(body["agent"]), int(body.get("channel", 0))
+        with self._lock:
+            peer = self._peers.get(agent_id)
+            if peer is None:
+                peer = self._peers[agent_id] = ReceiverPeer(agent_id, layers)
+            peer.channels[index] = channel
+            q: queue.Queue[Callable[[], None] | None] = queue.Queue()
+            peer.queues[index] = q
+            self._channel_peer[id(channel)] = (peer, index)
+        threading.Thread(target=self._send_loop, args=(q,), name="llumnix-kv-send", daemon=True).start()
+        channel.send_control(Kind.HELLO_OK, bytes(16), {"agent": agent_id})
+
+    def on_pull(self, channel: Channel, tid: str, body: dict[str, Any]) -> None:
+        with self._lock:
+            entry = self._channel_peer.get(id(channel))
+            if entry is None:
+                channel.send_control(Kind.ERROR, tid, {"error": "PULL before HELLO on this connection"})
+                return
+            t = self._transfers.get(tid)
+            if t is None:
+                self._pending_pulls[tid] = (entry[0], body, time.monotonic() + self.timeout_s)
+                return
+            if t.peer is not None or t.state != "open":
+                why = "another receiver already pulled it" if t.peer else f"it is {t.state}"
+                channel.send_control(Kind.ERROR, tid, {"error": f"transfer {tid} cannot be pulled: {why}"})
+                return
+            self._attach(t, entry[0], body)
+            self._lock.notify_all()
+
+    def on_ack(self, tid: str) -> None:
+        with self._lock:
+            t = self._transfers.get(tid)
+            if t is not None and t.state == "open":
+                t.state, t.t_done = "acked", time.monotonic()
+                self._lock.notify_all()
+
+    def on_cancel(self, tid: str) -> None:
+        with self._lock:
+            self._pending_pulls.pop(tid, None)
+            t = self._transfers.get(tid)
+            if t is not None and t.state == "open":
+                self._fail(t, "cancelled", "the decode instance cancelled the transfer", notify=False)
+            self._lock.notify_all()
+
+    def on_closed(self, channel: Channel) -> None:
+        with self._lock:
+            entry = self._channel_peer.pop(id(channel), None)
+            if entry is None:
+                return
+            peer, index = entry
+            peer.channels.pop(index, None)
+            q = peer.queues.pop(index, None)
+            if q is not None:
+                q.put(None)
+            if not peer.channels:
+                self._peers.pop(peer.agent_id, None)
+                for t in self._transfers.values():
+                    if t.peer is peer and t.state == "open":
+                        self._fail(t, "failed", "the decode instance closed its connections", notify=False)
+            self._lock.notify_all()
+
+    def stop(self) -> None:
+        with self._lock:
+            self._stopped = True
+            for p in self._peers.values():
+                for q in p.queues.values():
+                    q.put(None)
+            self._lock.notify_all()
+        self._planner.join(timeout=5)
+
+    # -- internals (lock held) ---------------------------------------------------------------
+    def _add_unit(self, t: SendTransfer, layer: str, lo: int, hi: int) -> None:
+        if hi > lo:
+            t.units.append((layer, lo, hi))
+            t.layer_hi[layer] = max(t.layer_hi.get(layer, 0), hi)
+
+    def _attach(self, t: SendTransfer, peer: ReceiverPeer, body: dict[str, Any]) -> None:
+        t.peer = peer
+        t.dst_blocks = {int(g): list(b) for g, b in body["blocks"].items()}
+        t.dst_start = {int(g): int(s) for g, s in body.get("start", {}).items()}
+        t.t_attach = time.monotonic()
+
+    def _fail(self, t: SendTransfer, state: str, why: str, *, notify: bool = True) -> None:
+        """Move ``t`` to a final state; tell its receiver (from the channel's send thread)."""
+        t.state, t.error = state, why
+        if notify and t.peer is not None and t.peer.queues:
+            peer, index = t.peer, min(t.peer.queues)
+
+            def tell() -> None:
+                chan = peer.channels.get(index)
+                try:
+                    if chan is not None:
+                        chan.send_control(Kind.ERROR, t.tid, {"error": why})
+                except Exception:  # the receiver may already be gone
+                    log.debug("could not tell the receiver of %s: %s", t.tid, why)
+
+            peer.queues[index].put(tell)
+
+    def _job_done(self, t: SendTransfer, nbytes: int, error: BaseException | None) -> None:
+        with self._lock:
+            t.outstanding -= 1
+            t.nbytes += nbytes
+            self.bytes_sent += nbytes
+            if error is not None and t.state == "open":
+                self._fail(t, "failed", f"sending to the decode instance failed: {error}")
+            self._lock.notify_all()
+
+    # -- threads ------------------------------------------------------------------------------
+    def _plan_loop(self) -> None:
+        while True:
+            with self._lock:
+                if self._stopped:
+                    return
+                self._lock.wait(timeout=0.5)
+                self._expire()
+                work = []
+                for t in self._transfers.values():
+                    if t.peer is None or t.state != "open" or not t.peer.queues:
+                        continue
+                    units = t.units[t.planned :]
+                    t.planned = len(t.units)
+                    finish = t.complete and not t.done_queued
+                    if units or finish:
+                        work.append((t, units, finish))
+            for t, units, finish in work:
+                self._queue_units(t, units, finish)
+
+    def _queue_units(self, t: SendTransfer, units: list[tuple[str, int, int]], finish: bool) -> None:
+        peer = t.peer
+        assert peer is not None
+        jobs = []
+        for layer, lo, hi in units:
+            src = self.layers[layer]
+            dst = peer.layers[layer]
+            g = src.group_id
+            p_blocks, d_blocks = t.blocks.get(g, []), t.dst_blocks.get(g, [])
+            a, b = max(lo, t.dst_start.get(g, 0)), min(hi, len(p_blocks), len(d_blocks))
+            if a >= b:
+                continue
+            plan = plan_blocks(src.tensor, p_blocks[a:b], dst.tensor, d_blocks[a:b])
+            src_addrs = plan.src_offsets + np.uint64(src.tensor.addr)
+            regions = np.full(len(plan.lengths), dst.region_id, dtype=np.uint64)
+            jobs.append((src.region_id, src_addrs, regions, plan.dst_offsets, plan.lengths, dst.region_id))
+        with self._lock:
+            if t.state != "open":
+                return
+            chans = sorted(peer.queues)
+            if not chans:
+                return
+            for region, src_addrs, regions, offs, lens, dst_region in jobs:
+                index = chans[region % len(chans)]
+                t.outstanding += 1
+                t.frames += 1
+                t.planned_bytes += int(lens.sum())
+                peer.queues[index].put(self._data_job(t, peer, index, dst_region, src_addrs, regions, offs, lens))
+            if finish and t.planned == len(t.units):
+                t.done_queued = True
+                t.outstanding += 1
+                peer.queues[chans[0]].put(self._done_job(t, peer, chans[0]))
+
+    def _data_job(self, t, peer, index, layer, src, regions, offs, lens) -> Callable[[], None]:  # noqa: ANN001
+        def run() -> None:
+            chan = peer.channels.get(index)
+            try:
+                if chan is None or t.state != "open":
+                    msg = "connection to the decode instance is closed"
+                    raise ConnectionError(msg)
+                n = chan.send_data(t.tid, layer, src, regions, offs, lens)
+            except BaseException as exc:
+                self._job_done(t, 0, exc)
+                return
+            self._job_done(t, n, None)
+
+        return run
+
+    def _done_job(self, t, peer, index) -> Callable[[], None]:  # noqa: ANN001
+        def run() -> None:
+            chan = peer.channels.get(index)
+            try:
+                if chan is None:
+                    msg = "connection to the decode instance is closed"
+                    raise ConnectionError(msg)
+                chan.send_control(Kind.DONE, t.tid, {"frames": t.frames, "bytes": t.planned_bytes})
+            except BaseException as exc:
+                self._job_done(t, 0, exc)
+                return
+            self._job_done(t, 0, None)
+
+        return run
+
+    @staticmethod
+    def _send_loop(q: queue.Queue[Callable[[], None] | None]) -> None:
+        while True:
+            job = q.get()
+            if job is None:
+                return
+            job()
+
+    def _expire(self) -> None:
+        now = time.monotonic()
+        for t in self._transfers.values():
+            if t.state != "open" or not t.sealed:
+                continue
+            if t.peer is None and now > t.expires:
+                t.state, t.error = "expired", "no decode instance pulled it before the lease ended"
+                log.warning("transfer %s expired unclaimed; freeing its blocks", t.tid)
+            elif t.peer is not None and now > t.expires + self.timeout_s:
+                self._fail(t, "failed", "the decode instance never confirmed the transfer")
+        for tid, (peer, _body, deadline) in list(self._pending_pulls.items()):
+            if now > deadline:
+                del self._pending_pulls[tid]
+                chan = next(iter(peer.channels.values()), None)
+                if chan is not None:
+                    try:
+                        chan.send_control(Kind.ERROR, tid, {"error": f"the prefill instance has no transfer {tid} "
+                                                            "(it expired, failed, or never reached this instance)"})
+                    except Exception:
+                        log.debug("could not report unknown transfer %s", tid)

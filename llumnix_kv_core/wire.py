@@ -1,0 +1,164 @@
+"""Versioned frame format shared by every byte-stream transport.
+
+A frame is a fixed 48-byte header, an optional JSON control body, an optional
+segment table and a payload::
+
+    header   magic u32 | version u16 | kind u16 | transfer_id 16B | layer u32 |
+             n_segments u32 | body_len u32 | flags u32 | payload_len u64
+    body     body_len bytes of UTF-8 JSON (control frames)
+    table    n_segments x (region u64, offset u64, length u64), little endian
+    payload  payload_len bytes = sum(lengths), segment after segment
+
+The receiver validates everything before it writes a byte into registered memory.
+"""
+
+from __future__ import annotations
+
+import enum
+import json
+import struct
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from llumnix_kv_core.errors import FrameError
+
+MAGIC = 0x4C4B5631  # "LKV1"
+VERSION = 1
+HEADER = struct.Struct("<IHH16sIIIIQ")
+HEADER_SIZE = HEADER.size
+NO_LAYER = 0xFFFFFFFF
+MAX_BODY = 1 << 20
+MAX_SEGMENTS = 1 << 20
+TABLE_DTYPE = np.dtype([("region", "<u8"), ("offset", "<u8"), ("length", "<u8")])
+
+
+class Kind(enum.IntEnum):
+    """Frame kinds of the transfer protocol."""
+
+    HELLO = 1  # receiver -> sender: identity, compatibility record, memory regions
+    HELLO_OK = 2  # sender -> receiver: handshake accepted
+    PULL = 3  # receiver -> sender: where to write one transfer
+    DATA = 4  # sender -> receiver: payload written into registered memory
+    DONE = 5  # sender -> receiver: transfer complete, with totals
+    ACK = 6  # receiver -> sender: all data of a transfer is in place
+    ERROR = 7  # either side: the transfer (or the connection) failed, body says why
+    CANCEL = 8  # receiver -> sender: the receiver no longer wants a transfer
+
+
+@dataclass(frozen=True)
+class FrameHeader:
+    kind: Kind
+    transfer_id: bytes
+    layer: int
+    n_segments: int
+    body_len: int
+    flags: int
+    payload_len: int
+
+
+def new_transfer_id() -> str:
+    """A fresh transfer id (32 hex digits), unique across instances."""
+    return uuid.uuid4().hex
+
+
+def tid_bytes(transfer_id: str) -> bytes:
+    try:
+        raw = bytes.fromhex(transfer_id)
+    except ValueError as exc:
+        msg = f"transfer id {transfer_id!r} is not 32 hex digits; use wire.new_transfer_id()"
+        raise FrameError(msg) from exc
+    if len(raw) != 16:
+        msg = f"transfer id {transfer_id!r} must be 16 bytes (32 hex digits)"
+        raise FrameError(msg)
+    return raw
+
+
+def pack_header(
+    kind: Kind,
+    transfer_id: str | bytes,
+    *,
+    layer: int = NO_LAYER,
+    n_segments: int = 0,
+    body_len: int = 0,
+    flags: int = 0,
+    payload_len: int = 0,
+) -> bytes:
+    tid = transfer_id if isinstance(transfer_id, bytes) else tid_bytes(transfer_id)
+    return HEADER.pack(MAGIC, VERSION, int(kind), tid, layer, n_segments, body_len, flags, payload_len)
+
+
+def unpack_header(raw: bytes | memoryview) -> FrameHeader:
+    """Parse and validate a header; raises FrameError naming what is wrong."""
+    if len(raw) != HEADER_SIZE:
+        msg = f"frame header is {len(raw)} bytes, expected {HEADER_SIZE}"
+        raise FrameError(msg)
+    magic, version, kind, tid, layer, nseg, body_len, flags, payload_len = HEADER.unpack(raw)
+    if magic != MAGIC:
+        msg = (
+            f"bad frame magic 0x{magic:08x} (expected 0x{MAGIC:08x}): the peer is not a llumnix-kv "
+            "transport or the stream lost sync; check the peer address and port"
+        )
+        raise FrameError(msg)
+    if version != VERSION:
+        msg = (
+            f"peer speaks frame version {version}, this side speaks {VERSION}: "
+            "install the same llumnix-kv release on both sides"
+        )
+        raise FrameError(msg)
+    try:
+        k = Kind(kind)
+    except ValueError as exc:
+        msg = f"unknown frame kind {kind}"
+        raise FrameError(msg) from exc
+    if body_len > MAX_BODY:
+        msg = f"frame body of {body_len} bytes exceeds the {MAX_BODY}-byte limit"
+        raise FrameError(msg)
+    if nseg > MAX_SEGMENTS:
+        msg = f"frame announces {nseg} segments, more than the {MAX_SEGMENTS} limit"
+        raise FrameError(msg)
+    if k != Kind.DATA and (nseg or payload_len):
+        msg = f"{k.name} frame carries a segment table or payload; only DATA frames may"
+        raise FrameError(msg)
+    return FrameHeader(k, tid, layer, nseg, body_len, flags, payload_len)
+
+
+def encode_body(body: dict[str, Any] | None) -> bytes:
+    return b"" if not body else json.dumps(body, separators=(",", ":")).encode()
+
+
+def decode_body(raw: bytes) -> dict[str, Any]:
+    if not raw:
+        return {}
+    try:
+        out = json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        msg = f"frame body is not valid JSON: {exc}"
+        raise FrameError(msg) from exc
+    if not isinstance(out, dict):
+        msg = "frame body must be a JSON object"
+        raise FrameError(msg)
+    return out
+
+
+def pack_table(regions: np.ndarray, offsets: np.ndarray, lengths: np.ndarray) -> bytes:
+    table = np.empty(len(lengths), dtype=TABLE_DTYPE)
+    table["region"] = regions
+    table["offset"] = offsets
+    table["length"] = lengths
+    return table.tobytes()
+
+
+def unpack_table(raw: bytes | bytearray | memoryview, n_segments: int, payload_len: int) -> np.ndarray:
+    """Parse a segment table and check it against the header's payload length."""
+    if len(raw) != n_segments * TABLE_DTYPE.itemsize:
+        msg = f"segment table is {len(raw)} bytes, expected {n_segments * TABLE_DTYPE.itemsize}"
+        raise FrameError(msg)
+    table = np.frombuffer(raw, dtype=TABLE_DTYPE)
+    total = int(table["length"].sum(dtype=np.uint64)) if n_segments else 0
+    if total != payload_len:
+        msg = f"segment lengths add up to {total} bytes but the header announces {payload_len}"
+        raise FrameError(msg)
+    return table

@@ -1,0 +1,22 @@
+from llumnix_kv_core import hookimpl
+from llumnix_kv_core.providers import Availability
+from llumnix_kv_core.providers import EngineAdapterProvider
+
+
+def _available() -> Availability:
+    return Availability.needs_modules("vllm", extra="vllm")
+
+
+@hookimpl
+def llumnix_kv_register_engines() -> list[EngineAdapterProvider]:
+    return [
+        EngineAdapterProvider(
+            "vllm",
+            engine="vllm",
+            versions=">=0.32,<0.34",
+            entry="llumnix_kv_engine_vllm.connector:LlumnixKVConnector",
+            description="KV connector LlumnixKVConnector (KVConnectorBase_V1 + SupportsHMA)",
+            is_available=_available,
+            extras={"demo": "llumnix_kv_engine_vllm.demo:main"},
+        )
+    ]

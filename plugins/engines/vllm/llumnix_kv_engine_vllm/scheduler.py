@@ -1,0 +1,122 @@
+"""Scheduler-side half of LlumnixKVConnector: request bookkeeping, no I/O."""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+from typing import Any
+
+from llumnix_kv_core.interfaces.policy import LoadPlan
+from llumnix_kv_core.interfaces.policy import SavePlan
+from llumnix_kv_core.interfaces.policy import ScenarioPolicy
+from llumnix_kv_engine_vllm.metadata import LlumnixConnectorMetadata
+from llumnix_kv_engine_vllm.metadata import LoadTask
+from llumnix_kv_engine_vllm.metadata import SaveFinished
+from llumnix_kv_engine_vllm.metadata import SaveStep
+
+if TYPE_CHECKING:
+    from vllm.v1.core.kv_cache_manager import KVCacheBlocks
+    from vllm.v1.core.sched.output import SchedulerOutput
+    from vllm.v1.request import Request
+
+log = logging.getLogger(__name__)
+
+
+class SchedulerSide:
+    def __init__(self, policy: ScenarioPolicy, engine_id: str, fallback_addresses: list[str]) -> None:
+        self.policy = policy
+        self.engine_id = engine_id
+        self.addresses = fallback_addresses
+        self._loading: dict[str, LoadPlan] = {}  # req_id -> plan, once blocks are allocated
+        self._saving: dict[str, tuple[SavePlan, list[list[int]], int]] = {}  # req -> (plan, blocks, prompt)
+        self._meta = LlumnixConnectorMetadata()
+
+    def set_addresses(self, by_rank: dict[int, Any]) -> None:
+        self.addresses = [by_rank[r].address for r in sorted(by_rank)]
+
+    # -- decode side -----------------------------------------------------------------------------
+    def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int, bool]:
+        if request.request_id in self._loading:
+            return 0, False
+        plan = self.policy.load_plan(request.kv_transfer_params)
+        if plan is None:
+            return 0, False
+        n = request.num_prompt_tokens - num_computed_tokens
+        return (n, True) if n > 0 else (0, False)
+
+    def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int) -> None:
+        if num_external_tokens <= 0 or request.request_id in self._loading:
+            return
+        plan = self.policy.load_plan(request.kv_transfer_params)
+        if plan is None:
+            return
+        self._loading[request.request_id] = plan
+        block_ids = blocks.get_block_ids()
+        self._meta.loads.append(
+            LoadTask(
+                request.request_id,
+                plan.transfer_id,
+                plan.remote_addresses,
+                tuple(tuple(b) for b in block_ids),
+                request.num_prompt_tokens - num_external_tokens,
+            )
+        )
+
+    # -- prefill side ----------------------------------------------------------------------------
+    def _save_step(self, req_id: str, computed: int, scheduled: int) -> None:
+        plan, blocks, prompt_len = self._saving[req_id]
+        if computed >= prompt_len:
+            return
+        self._meta.saves.append(
+            SaveStep(req_id, plan.transfer_id, tuple(tuple(b) for b in blocks), computed,
+                     min(computed + scheduled, prompt_len), prompt_len)
+        )
+
+    def build_connector_meta(self, out: SchedulerOutput) -> LlumnixConnectorMetadata:
+        for new in out.scheduled_new_reqs:
+            params = new.sampling_params.extra_args.get("kv_transfer_params") if (
+                new.sampling_params and new.sampling_params.extra_args) else None
+            plan = self.policy.save_plan(params) if new.req_id not in self._saving else None
+            if plan is not None:
+                prompt_len = len(new.prompt_token_ids or ())
+                self._saving[new.req_id] = (plan, [list(b) for b in new.block_ids], prompt_len)
+            if new.req_id in self._saving:
+                self._save_step(new.req_id, new.num_computed_tokens, out.num_scheduled_tokens[new.req_id])
+        cached = out.scheduled_cached_reqs
+        for i, req_id in enumerate(cached.req_ids):
+            if req_id not in self._saving:
+                continue
+            _plan, blocks, _ = self._saving[req_id]
+            new_ids = cached.new_block_ids[i]
+            if new_ids is not None:
+                if req_id in cached.resumed_req_ids:
+                    blocks[:] = [list(b) for b in new_ids]
+                else:
+                    for g, b in enumerate(new_ids):
+                        blocks[g].extend(b)
+            self._save_step(req_id, cached.num_computed_tokens[i], out.num_scheduled_tokens[req_id])
+        meta, self._meta = self._meta, LlumnixConnectorMetadata()
+        return meta
+
+    def request_finished(self, request: Request, block_ids: tuple[list[int], ...]) -> tuple[bool, dict | None]:
+        req_id = request.request_id
+        load = self._loading.pop(req_id, None)
+        if load is not None:
+            from vllm.v1.request import RequestStatus
+
+            if request.status == RequestStatus.WAITING_FOR_REMOTE_KVS:
+                # Finished while KV is still arriving: keep the blocks until the worker has fenced
+                # the transfer and reports it in finished_recving.
+                self._meta.cancelled_loads.append((req_id, load.transfer_id))
+                return True, None
+            return False, None
+        saving = self._saving.pop(req_id, None)
+        if saving is None:
+            return False, None
+        plan, _blocks, prompt_len = saving
+        has_blocks = any(block_ids)
+        ok = has_blocks and request.num_computed_tokens >= prompt_len
+        self._meta.finished_saves.append(SaveFinished(req_id, plan.transfer_id, ok, plan.lease_s))
+        if not ok:
+            return has_blocks, None
+        return True, self.policy.output_params(plan, self.addresses, self.engine_id)

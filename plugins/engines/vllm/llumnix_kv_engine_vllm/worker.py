@@ -1,0 +1,168 @@
+"""Worker-side half of LlumnixKVConnector: owns the transfer agent of this worker process.
+
+Nothing here waits for the network: layer hooks append to the sender's queue,
+loads are started on the agent's threads, and completions are polled.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import TYPE_CHECKING
+from typing import Any
+
+from llumnix_kv_core.agent import KVAgent
+from llumnix_kv_core.errors import LayoutError
+from llumnix_kv_core.interfaces.transport import TransportConfig
+from llumnix_kv_core.layout import signature_hash
+from llumnix_kv_core.manager import get_registry
+from llumnix_kv_engine_vllm.describe import describe_groups
+from llumnix_kv_engine_vllm.describe import engine_signature
+from llumnix_kv_engine_vllm.metadata import LlumnixConnectorMetadata
+from llumnix_kv_engine_vllm.metadata import LlumnixHandshakeMetadata
+from llumnix_kv_engine_vllm.metadata import LoadTask
+
+if TYPE_CHECKING:
+    import torch
+    from vllm.config import VllmConfig
+    from vllm.v1.kv_cache_interface import KVCacheConfig
+
+log = logging.getLogger(__name__)
+
+
+class WorkerSide:
+    def __init__(self, vllm_config: VllmConfig, kv_cache_config: KVCacheConfig, options: dict[str, Any],
+                 rank: int) -> None:
+        self.vllm_config = vllm_config
+        self.kv_cache_config = kv_cache_config
+        self.options = options
+        self.rank = rank
+        self.agent: KVAgent | None = None
+        self.block_sizes: dict[int, int] = {
+            g: grp.kv_cache_spec.block_size for g, grp in enumerate(kv_cache_config.kv_cache_groups)
+        }
+        self._layer_group: dict[str, int] = {}
+        self._step_saves: list = []
+        self._send_req: dict[str, str] = {}  # transfer id -> request id (prefill side)
+        self._released: set[str] = set()  # request ids whose source blocks may be freed
+        self._finished: set[str] = set()  # request ids the engine reported finished (prefill side)
+        self._recv_req: dict[str, LoadTask] = {}  # transfer id -> task (decode side)
+        self._cancelled: set[str] = set()
+        self._load_errors: set[int] = set()
+        self._failed_recv: set[str] = set()
+
+    # -- setup -------------------------------------------------------------------------------------
+    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
+        registry = get_registry()
+        devices = {t.device.type for t in kv_caches.values()}
+        if devices != {"cpu"}:
+            msg = (f"KV caches live on {sorted(devices)}; the {self.options['transport']!r} transport moves "
+                   "host memory only. Use a transport that supports device memory.")
+            raise LayoutError(msg)
+        layouts = [registry.parse_layout(d) for d in describe_groups(self.vllm_config, self.kv_cache_config,
+                                                                      kv_caches)]
+        for lay in layouts:
+            for t in lay.tensors:
+                self._layer_group[t.name] = lay.group_id
+        signature = engine_signature(self.vllm_config, [dict(lay.signature) for lay in layouts])
+        provider = registry.transport(self.options["transport"])
+        cfg = TransportConfig(
+            connect_timeout_s=float(self.options.get("connect_timeout_s", 10.0)),
+            io_timeout_s=float(self.options.get("io_timeout_s", 30.0)),
+            connections_per_peer=int(self.options.get("connections_per_peer", 2)),
+            extra=tuple(sorted((self.options.get("transport_options") or {}).items())),
+        )
+        self.agent = KVAgent(provider.factory(cfg), layouts, signature,
+                             timeout_s=float(self.options.get("transfer_timeout_s", 60.0)))
+        if self.vllm_config.kv_transfer_config.is_kv_producer:
+            port = int(self.options.get("port", 0))
+            addr = self.agent.listen(str(self.options.get("host", "127.0.0.1")), port + self.rank if port else 0)
+            log.info("llumnix-kv worker %d listening on %s (%s)", self.rank, addr, self.options["transport"])
+        self.signature_hash = signature_hash(signature)
+
+    def handshake_metadata(self) -> LlumnixHandshakeMetadata | None:
+        if self.agent is None:
+            return None
+        return LlumnixHandshakeMetadata(self.agent.address or "", self.signature_hash)
+
+    # -- per step ------------------------------------------------------------------------------------
+    def _positions(self, group: int, tokens: int) -> int:
+        return math.ceil(tokens / self.block_sizes[group])
+
+    def bind(self, meta: LlumnixConnectorMetadata) -> None:
+        agent = self.agent
+        assert agent is not None, "register_kv_caches was not called"
+        for task in meta.loads:
+            address = task.addresses[self.rank % len(task.addresses)]
+            blocks = {g: list(b) for g, b in enumerate(task.blocks)}
+            start = {g: task.start_token // self.block_sizes[g] for g in blocks}
+            self._recv_req[task.transfer_id] = task
+            agent.receiver.start(task.transfer_id, address, blocks, start)
+        for req_id, tid in meta.cancelled_loads:
+            self._cancelled.add(req_id)
+            agent.receiver.cancel(tid)
+        for s in meta.saves:
+            self._send_req[s.transfer_id] = s.req_id
+            blocks = {g: list(b) for g, b in enumerate(s.blocks)}
+            ready = {g: s.computed_before // self.block_sizes[g] for g in blocks}
+            agent.sender.open(s.transfer_id, blocks, ready)
+        self._step_saves = meta.saves
+        for f in meta.finished_saves:
+            self._send_req[f.transfer_id] = f.req_id
+            agent.sender.seal(f.transfer_id, f.ok, f.lease_s)
+
+    def save_layer(self, layer_name: str) -> None:
+        group = self._layer_group.get(layer_name)
+        if group is None or self.agent is None:
+            return
+        for s in self._step_saves:
+            lo = s.computed_before // self.block_sizes[group]
+            self.agent.sender.layer_ready(s.transfer_id, layer_name, lo, self._positions(group, s.computed_after))
+
+    def end_step(self) -> None:
+        assert self.agent is not None
+        for s in self._step_saves:
+            if s.computed_after >= s.prompt_len:
+                positions = {g: self._positions(g, s.prompt_len) for g in self.block_sizes}
+                self.agent.sender.complete(s.transfer_id, positions)
+        self._step_saves = []
+
+    def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:
+        if self.agent is None:
+            return None, None
+        for tid in self.agent.sender.poll_released():
+            req = self._send_req.pop(tid, None)
+            if req is not None:
+                self._released.add(req)
+        self._finished |= finished_req_ids
+        sending = self._released & self._finished
+        self._released -= sending
+        self._finished -= sending
+        done, failed = self.agent.receiver.poll()
+        recving = set()
+        for tid in done:
+            recving.add(self._recv_req.pop(tid).req_id)
+        for tid, why in failed.items():
+            task = self._recv_req.pop(tid)
+            recving.add(task.req_id)
+            if task.req_id in self._cancelled:
+                self._cancelled.discard(task.req_id)
+                continue
+            log.error("KV load of request %s (transfer %s) failed: %s", task.req_id, tid, why)
+            self._failed_recv.add(task.req_id)
+            for g, blocks in enumerate(task.blocks):
+                self._load_errors.update(blocks[task.start_token // self.block_sizes[g]:])
+        return sending or None, recving or None
+
+    def take_load_errors(self) -> set[int]:
+        out, self._load_errors = self._load_errors, set()
+        return out
+
+    def take_failed_recving(self) -> set[str]:
+        out, self._failed_recv = self._failed_recv, set()
+        return out
+
+    def shutdown(self) -> None:
+        if self.agent is not None:
+            self.agent.close()
+            self.agent = None

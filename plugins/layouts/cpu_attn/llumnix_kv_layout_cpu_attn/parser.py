@@ -1,0 +1,54 @@
+"""Parser for vLLM's CPU attention backend.
+
+CPU_ATTN registers ``[B, H, N, 2*D]`` tensors (LBHNC) but the kernel re-packs each
+(block, head) as a K tile then a V tile in an ISA-specific order (vec, vec16, amx,
+neon, ...). The bytes have no per-token meaning, so a page is moved as whole
+(block, head) units, and only between hosts that pack with the same ISA: the ISA
+is part of the signature both sides compare at handshake.
+"""
+
+from __future__ import annotations
+
+from llumnix_kv_core.errors import LayoutError
+from llumnix_kv_core.interfaces.layout import LayoutParser
+from llumnix_kv_core.layout import CacheGroupDescription
+from llumnix_kv_core.layout import KVLayout
+from llumnix_kv_core.layout import TensorLayout
+from llumnix_kv_core.layout import tensor_layout_from_bhnc
+
+
+def _per_head_units(t: TensorLayout, head_stride: int) -> TensorLayout:
+    heads, tokens, content = t.logical
+    unit = tokens * content
+    offsets = tuple(h * head_stride for h in range(heads))
+    extent = (t.num_blocks - 1) * t.block_stride + offsets[-1] + unit if t.num_blocks else 0
+    return TensorLayout(t.name, t.addr, t.num_blocks, t.block_stride, offsets, unit, extent, t.logical)
+
+
+class CpuAttnParser(LayoutParser):
+    name = "cpu_attn"
+
+    def parse(self, desc: CacheGroupDescription) -> KVLayout | None:
+        if desc.engine != "vllm" or desc.backend != "CPU_ATTN":
+            return None
+        isa = desc.extra.get("isa")
+        if not isa:
+            msg = "CPU_ATTN cache description lacks the attention ISA; the engine adapter must report it"
+            raise LayoutError(msg)
+        tensors = []
+        for d in desc.tensors:
+            t = tensor_layout_from_bhnc(d)
+            heads, tokens, content = t.logical
+            if d.strides[2] * tokens != d.strides[1] and heads > 1:
+                msg = f"CPU_ATTN tensor {d.name!r} is not head-major (LBHNC); got strides {d.strides}"
+                raise LayoutError(msg)
+            tensors.append(_per_head_units(t, d.strides[1]))
+        signature = {
+            "parser": self.name,
+            "kind": desc.kind,
+            "isa": isa,
+            "dtype": desc.dtype,
+            "block_size": desc.block_size,
+            "page": [list(t.logical) for t in tensors[:1]],
+        }
+        return KVLayout(self.name, desc.group_id, desc.kind, desc.block_size, tuple(tensors), signature)

@@ -1,0 +1,36 @@
+from __future__ import annotations
+
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+# tcp_testkit (handlers, buffers, process entry points) must be importable by name, also in
+# processes started with the spawn method, which inherit sys.path.
+_HERE = str(Path(__file__).resolve().parent)
+if _HERE not in sys.path:
+    sys.path.insert(0, _HERE)
+
+from llumnix_kv_transport_tcp.transport import TcpTransport  # noqa: E402
+
+from llumnix_kv_core.interfaces.transport import TransportConfig  # noqa: E402
+
+
+@pytest.fixture
+def make_transport():
+    """Build transports that are closed (and their threads checked) after the test."""
+    made: list[TcpTransport] = []
+
+    def make(**kw) -> TcpTransport:
+        kw.setdefault("connect_timeout_s", 5.0)
+        kw.setdefault("io_timeout_s", 10.0)
+        t = TcpTransport(TransportConfig(**kw))
+        made.append(t)
+        return t
+
+    yield make
+    for t in made:
+        t.close()
+    left = [th.name for th in threading.enumerate() if th.name.startswith("lkv-tcp")]
+    assert not left, f"threads still running after close: {left}"
