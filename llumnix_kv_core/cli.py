@@ -48,11 +48,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.add_argument("--strict", action="store_true", help="exit 1 if any plugin failed to load")
     p.set_defaults(func=cmd_plugins)
-    d = sub.add_parser("demo", help="prefill/decode separation on real engines, against a colocated engine")
+    d = sub.add_parser("demo", help="prefill/decode separation on real engines, against a colocated engine; "
+                       "other options go to the engine's demo (llumnix-kv demo --help-demo)")
     d.add_argument("--engine", default="vllm")
-    d.add_argument("rest", nargs=argparse.REMAINDER, help="options passed to the engine's demo (see --help)")
     d.set_defaults(func=cmd_demo)
-    args = parser.parse_args(argv)
+    args, rest = parser.parse_known_args(argv)
+    if rest and args.command != "demo":
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    args.rest = [a for a in rest if a != "--"]
     try:
         return args.func(args)
     except LlumnixKVError as exc:

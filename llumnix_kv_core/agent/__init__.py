@@ -32,7 +32,18 @@ class AgentStats:
     bytes_sent: int
     bytes_received: int
     transfers_received: int
-    receive_seconds: float  # summed wall time from pull to completion
+    receive_seconds: float  # time during which at least one transfer had data flowing in
+
+
+def _busy_seconds(intervals: list[tuple[float, float]]) -> float:
+    """Length of the union of [start, end) intervals."""
+    total, end = 0.0, float("-inf")
+    for a, b in sorted(intervals):
+        if b <= end:
+            continue
+        total += b - max(a, end)
+        end = b
+    return total
 
 
 class KVAgent(FrameHandler):
@@ -67,7 +78,7 @@ class KVAgent(FrameHandler):
             self.sender.bytes_sent,
             self.receiver.bytes_received,
             len(done),
-            sum(t.t_done - t.t_start for t in done),
+            _busy_seconds([(t.t_first or t.t_done, t.t_done) for t in done]),
         )
 
     def close(self) -> None:
@@ -101,6 +112,6 @@ class KVAgent(FrameHandler):
 
     def on_closed(self, channel: Channel, error: BaseException | None) -> None:
         if error is not None:
-            log.warning("channel %s closed: %s", channel.peer_name, error)
+            log.info("channel %s closed: %s", channel.peer_name, error)
         self.sender.on_closed(channel)
         self.receiver.on_closed(channel, error)

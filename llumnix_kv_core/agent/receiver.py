@@ -50,6 +50,7 @@ class RecvTransfer:
     nbytes: int = 0
     expected: tuple[int, int] | None = None
     t_start: float = field(default_factory=time.monotonic)
+    t_first: float = 0.0  # first payload byte in place
     t_done: float = 0.0
     last_progress: float = field(default_factory=time.monotonic)
 
@@ -142,6 +143,7 @@ class KVReceiver:
             t.frames += 1
             t.nbytes += nbytes
             t.last_progress = time.monotonic()
+            t.t_first = t.t_first or t.last_progress
             self._check_done(t)
 
     def on_done(self, tid: str, body: dict[str, Any]) -> None:

@@ -96,16 +96,18 @@ def summarize(order: str, prompts: list[list[int]], p_out: list[Completion], d_o
 
 
 def run(args: argparse.Namespace) -> list[dict[str, Any]]:
-    prompts = make_prompts(DEFAULT_LENGTHS[: args.requests] if args.requests <= len(DEFAULT_LENGTHS)
-                           else DEFAULT_LENGTHS * (args.requests // len(DEFAULT_LENGTHS) + 1))[: args.requests]
+    lengths = (DEFAULT_LENGTHS * (args.requests // len(DEFAULT_LENGTHS) + 1))[: args.requests]
+    orders = ["p-then-d", "concurrent"] if args.order == "both" else [args.order]
+    # Fresh prompts per dispatch order, so D's own prefix cache cannot serve a later run.
+    prompt_sets = {order: make_prompts(lengths, seed=i) for i, order in enumerate(orders)}
     with tempfile.TemporaryDirectory() as tmp:
         model = write_model(Path(tmp) / "tiny-llama")
         cluster = PDCluster.start(model, args.transport)
         try:
-            base = cluster.baseline.generate(prompts, max_tokens=args.max_tokens)
             rows = []
-            orders = ["p-then-d", "concurrent"] if args.order == "both" else [args.order]
             for order in orders:
+                prompts = prompt_sets[order]
+                base = cluster.baseline.generate(prompts, max_tokens=args.max_tokens)
                 before = cluster.decode.call("stats")
                 runner = cluster.run_p_then_d if order == "p-then-d" else cluster.run_concurrent
                 p_out, d_out = runner(prompts, args.max_tokens)

@@ -64,6 +64,7 @@ def _engine_main(conn: Any, model: str, kv: dict[str, Any] | None, llm_kwargs: d
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
     try:
         from vllm import LLM
         from vllm import SamplingParams
