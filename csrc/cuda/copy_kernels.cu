@@ -7,6 +7,7 @@
 #include <cstdint>
 #include <cstring>
 #include <map>
+#include <stdexcept>
 #include <memory>
 #include <mutex>
 #include <utility>
@@ -78,25 +79,13 @@ __device__ __forceinline__ void copy_range(const unsigned char* s, unsigned char
 }
 
 // Grid-stride over all chunks of all segments: each CTA takes one chunk at a
-// time, so a large segment is spread over many CTAs and each small one
-// costs one chunk.
+// time, so a large segment is spread over many CTAs and each small one costs
+// one chunk. chunk_seg[w] names the segment of chunk w (no search needed).
 __global__ void __launch_bounds__(kThreads)
-    copy_segments_kernel(const SegmentDesc* __restrict__ descs, std::uint64_t n, std::uint64_t total_chunks,
-                         std::uint64_t chunk_bytes) {
-  std::uint64_t seg = 0;
+    copy_segments_kernel(const SegmentDesc* __restrict__ descs, const std::uint32_t* __restrict__ chunk_seg,
+                         std::uint64_t total_chunks, std::uint64_t chunk_bytes) {
   for (std::uint64_t w = blockIdx.x; w < total_chunks; w += gridDim.x) {
-    // Largest seg with first_chunk <= w; w only grows, so search upwards.
-    std::uint64_t lo = seg, hi = n - 1;
-    while (lo < hi) {
-      const std::uint64_t mid = lo + (hi - lo + 1) / 2;
-      if (descs[mid].first_chunk <= w) {
-        lo = mid;
-      } else {
-        hi = mid - 1;
-      }
-    }
-    seg = lo;
-    const SegmentDesc dsc = descs[seg];
+    const SegmentDesc dsc = descs[chunk_seg[w]];
     const std::uint64_t off = (w - dsc.first_chunk) * chunk_bytes;
     const std::uint64_t len = min(chunk_bytes, dsc.len - off);
     copy_range(reinterpret_cast<const unsigned char*>(dsc.src) + off, reinterpret_cast<unsigned char*>(dsc.dst) + off,
@@ -200,11 +189,20 @@ void copy_segments(const std::uint64_t* src, const std::uint64_t* dst, const std
   chunk = (chunk + 4095) & ~std::uint64_t{4095};
   chunk = std::min(std::max(chunk, kMinChunkBytes), kMaxChunkBytes);
 
+  if (nonempty > 0xffffffffull) {
+    throw std::invalid_argument("copy_segments supports at most 2^32 - 1 non-empty segments per call");
+  }
+  std::uint64_t total_chunks = 0;
+  for (std::size_t i = 0; i < n; ++i) total_chunks += (lengths[i] + chunk - 1) / chunk;
+
+  // Staging layout: descriptor table, then the chunk -> segment map.
+  const std::size_t table_bytes = static_cast<std::size_t>(nonempty) * sizeof(SegmentDesc);
+  const std::size_t upload_bytes = table_bytes + static_cast<std::size_t>(total_chunks) * sizeof(std::uint32_t);
+
   cudaStream_t stream = reinterpret_cast<cudaStream_t>(stream_handle);
   std::shared_ptr<StreamCache> cache = cache_for(device, stream_handle);
   std::lock_guard<std::mutex> lock(cache->mu);
 
-  const std::size_t table_bytes = static_cast<std::size_t>(nonempty) * sizeof(SegmentDesc);
   StreamCache::Slot& slot = cache->slots[cache->next];
   cache->next = (cache->next + 1) % kStagingSlots;
   if (slot.uploaded == nullptr) {
@@ -216,17 +214,17 @@ void copy_segments(const std::uint64_t* src, const std::uint64_t* dst, const std
     LLUMNIX_CUDA_CHECK(cudaEventSynchronize(slot.uploaded));
     slot.pending = false;
   }
-  if (slot.capacity < table_bytes) {
+  if (slot.capacity < upload_bytes) {
     if (slot.host != nullptr) {
       LLUMNIX_CUDA_CHECK(cudaFreeHost(slot.host));
       slot.host = nullptr;
       slot.capacity = 0;
     }
-    const std::size_t cap = std::max<std::size_t>(table_bytes + table_bytes / 2, 4096);
+    const std::size_t cap = std::max<std::size_t>(upload_bytes + upload_bytes / 2, 4096);
     LLUMNIX_CUDA_CHECK(cudaHostAlloc(&slot.host, cap, cudaHostAllocPortable));
     slot.capacity = cap;
   }
-  if (cache->device_capacity < table_bytes) {
+  if (cache->device_capacity < upload_bytes) {
     if (cache->device_buf != nullptr) {
       // Earlier launches on this stream may still read the old table.
       LLUMNIX_CUDA_CHECK(cudaStreamSynchronize(stream));
@@ -234,12 +232,13 @@ void copy_segments(const std::uint64_t* src, const std::uint64_t* dst, const std
       cache->device_buf = nullptr;
       cache->device_capacity = 0;
     }
-    const std::size_t cap = std::max<std::size_t>(std::max(table_bytes, 2 * cache->device_capacity), 4096);
+    const std::size_t cap = std::max<std::size_t>(std::max(upload_bytes, 2 * cache->device_capacity), 4096);
     LLUMNIX_CUDA_CHECK(cudaMalloc(&cache->device_buf, cap));
     cache->device_capacity = cap;
   }
 
   auto* table = static_cast<SegmentDesc*>(slot.host);
+  auto* chunk_seg = reinterpret_cast<std::uint32_t*>(static_cast<char*>(slot.host) + table_bytes);
   std::uint64_t chunks = 0, k = 0;
   for (std::size_t i = 0; i < n; ++i) {
     const std::uint64_t len = lengths[i];
@@ -248,18 +247,20 @@ void copy_segments(const std::uint64_t* src, const std::uint64_t* dst, const std
     table[k].dst = dst[i];
     table[k].len = len;
     table[k].first_chunk = chunks;
-    chunks += (len + chunk - 1) / chunk;
+    const std::uint64_t end = chunks + (len + chunk - 1) / chunk;
+    for (; chunks < end; ++chunks) chunk_seg[chunks] = static_cast<std::uint32_t>(k);
     ++k;
   }
 
-  LLUMNIX_CUDA_CHECK(
-      cudaMemcpyAsync(cache->device_buf, slot.host, table_bytes, cudaMemcpyHostToDevice, stream));
+  LLUMNIX_CUDA_CHECK(cudaMemcpyAsync(cache->device_buf, slot.host, upload_bytes, cudaMemcpyHostToDevice, stream));
   LLUMNIX_CUDA_CHECK(cudaEventRecord(slot.uploaded, stream));
   slot.pending = true;
 
-  const unsigned grid = static_cast<unsigned>(std::min<std::uint64_t>(chunks, max_ctas));
-  copy_segments_kernel<<<grid, kThreads, 0, stream>>>(static_cast<const SegmentDesc*>(cache->device_buf), nonempty,
-                                                      chunks, chunk);
+  const auto* dev_table = static_cast<const SegmentDesc*>(cache->device_buf);
+  const auto* dev_chunk_seg =
+      reinterpret_cast<const std::uint32_t*>(static_cast<const char*>(cache->device_buf) + table_bytes);
+  const unsigned grid = static_cast<unsigned>(std::min<std::uint64_t>(total_chunks, max_ctas));
+  copy_segments_kernel<<<grid, kThreads, 0, stream>>>(dev_table, dev_chunk_seg, total_chunks, chunk);
   LLUMNIX_CUDA_CHECK(cudaGetLastError());
 }
 

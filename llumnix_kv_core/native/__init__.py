@@ -73,7 +73,10 @@ def _resolve() -> tuple[ModuleType, str, str | None]:
             raise
         from llumnix_kv_core.native import _fallback
 
-        reason = f"{_NATIVE_MODULE} is not built (pure-Python install)"
+        reason = (
+            f"{_NATIVE_MODULE} is not built (a LLUMNIX_KV_PURE_PYTHON=1 install, or a source "
+            "checkout imported without installing)"
+        )
         warnings.warn(
             f"{reason}: using the slower pure-Python fallback for copies and socket I/O; "
             f"to build it, {_REINSTALL_HINT}",

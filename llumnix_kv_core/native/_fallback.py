@@ -59,7 +59,8 @@ def _u64_array(obj: Any, name: str) -> np.ndarray:
         )
     if obj.dtype != _U64:
         raise ValueError(
-            f"{name} must have dtype uint64, got {obj.dtype}; convert with numpy.asarray(x, dtype=numpy.uint64)"
+            f"{name} must have dtype uint64, got {obj.dtype}; "
+            "convert with numpy.asarray(x, dtype=numpy.uint64)"
         )
     if obj.ndim != 1:
         raise ValueError(f"{name} must be 1-D, got {obj.ndim} dimensions")
@@ -108,9 +109,7 @@ def _as_timeout(timeout_s: Any) -> float | None:
         return None
     t = float(timeout_s)
     if math.isnan(t) or t < 0:
-        raise ValueError(
-            f"timeout_s must be a number >= 0 (seconds) or None for no limit, got {timeout_s!r}"
-        )
+        raise ValueError(f"timeout_s must be a number >= 0 (seconds) or None for no limit, got {timeout_s!r}")
     if t > 1e9:  # the native core treats absurdly long timeouts as none
         return None
     return t
@@ -136,7 +135,7 @@ def _header_view(header: Any) -> memoryview:
 
 def _segment_views(addrs: np.ndarray, lengths: np.ndarray) -> list[memoryview]:
     views: list[memoryview] = []
-    for addr, length in zip(addrs.tolist(), lengths.tolist()):
+    for addr, length in zip(addrs.tolist(), lengths.tolist(), strict=True):
         while length > 0:
             take = min(length, _MAX_PIECE)
             views.append(memoryview((ctypes.c_char * take).from_address(addr)).cast("B"))
@@ -203,7 +202,7 @@ def copy_segments(src_addrs: Any, dst_addrs: Any, lengths: Any, num_threads: int
     _checked_total("src_addrs", src, lens)
     _checked_total("dst_addrs", dst, lens)
     memmove = ctypes.memmove
-    for s, d, n in zip(src.tolist(), dst.tolist(), lens.tolist()):
+    for s, d, n in zip(src.tolist(), dst.tolist(), lens.tolist(), strict=True):
         if n:
             memmove(d, s, n)
 

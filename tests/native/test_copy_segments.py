@@ -45,7 +45,7 @@ def _layout(lengths: list[int], gaps: list[int], order: list[int] | None = None)
 
 def _expected(src: np.ndarray, dst: np.ndarray, so, do, lengths) -> np.ndarray:
     out = dst.copy()
-    for s, d, n in zip(so.tolist(), do.tolist(), lengths):
+    for s, d, n in zip(so.tolist(), do.tolist(), lengths, strict=True):
         out[d : d + n] = src[s : s + n]
     return out
 
@@ -61,7 +61,9 @@ def segment_tables(draw):
 
 
 @needs_native
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+@settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large]
+)
 @given(table=segment_tables(), num_threads=st.sampled_from([0, 1, 3]), seed=st.integers(0, 2**32 - 1))
 def test_parity_native_vs_fallback(table, num_threads, seed):
     lengths, src_gaps, dst_gaps, order = table
@@ -74,7 +76,9 @@ def test_parity_native_vs_fallback(table, num_threads, seed):
     lens = np.asarray(lengths, dtype=np.uint64)
 
     _NATIVE.copy_segments(so + np.uint64(_addr(src)), do + np.uint64(_addr(dst_native)), lens, num_threads)
-    _fallback.copy_segments(so + np.uint64(_addr(src)), do + np.uint64(_addr(dst_fallback)), lens, num_threads)
+    _fallback.copy_segments(
+        so + np.uint64(_addr(src)), do + np.uint64(_addr(dst_fallback)), lens, num_threads
+    )
 
     np.testing.assert_array_equal(dst_native, dst_fallback)
     np.testing.assert_array_equal(dst_native, _expected(src, dst_init, so, do, lengths))
@@ -93,7 +97,8 @@ def test_one_huge_segment_is_split(impl, num_threads):
         num_threads,
     )
     np.testing.assert_array_equal(dst[3 : 3 + n], src[5 : 5 + n])
-    assert not dst[:3].any() and not dst[3 + n :].any()
+    assert not dst[:3].any()
+    assert not dst[3 + n :].any()
 
 
 @pytest.mark.parametrize("impl", IMPLS)
@@ -204,8 +209,10 @@ def test_native_releases_gil_and_is_thread_safe():
         try:
             for _ in range(5):
                 _NATIVE.copy_segments(
-                    np.array([_addr(srcs[i])], np.uint64), np.array([_addr(dsts[i])], np.uint64),
-                    np.array([size], np.uint64), 2,
+                    np.array([_addr(srcs[i])], np.uint64),
+                    np.array([_addr(dsts[i])], np.uint64),
+                    np.array([size], np.uint64),
+                    2,
                 )
         except Exception as e:  # pragma: no cover - reported below
             errors.append(e)
@@ -216,5 +223,5 @@ def test_native_releases_gil_and_is_thread_safe():
     for t in threads:
         t.join()
     assert not errors
-    for s, d in zip(srcs, dsts):
+    for s, d in zip(srcs, dsts, strict=True):
         np.testing.assert_array_equal(s, d)

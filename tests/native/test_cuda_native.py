@@ -24,12 +24,14 @@ def _cuda_module():
 
 
 _CUDA = _cuda_module()
-needs_module = pytest.mark.skipif(_CUDA is None, reason="llumnix_kv_core._native_cuda is not built (no nvcc)")
+needs_module = pytest.mark.skipif(
+    _CUDA is None, reason="llumnix_kv_core._native_cuda is not built (built without CUDA)"
+)
 
 
 def _device_problem() -> str | None:
     if _CUDA is None:
-        return "llumnix_kv_core._native_cuda is not built (no nvcc at build time)"
+        return "llumnix_kv_core._native_cuda is not built (built without CUDA)"
     try:
         count = _CUDA.device_count()
     except RuntimeError as e:
@@ -121,13 +123,15 @@ def _random_table(rng, count, max_len, src_size, dst_size):
 
 def _expected(src, dst, so, do, lens):
     out = dst.copy()
-    for s, d, n in zip(so.tolist(), do.tolist(), lens.tolist()):
+    for s, d, n in zip(so.tolist(), do.tolist(), lens.tolist(), strict=True):
         out[d : d + n] = src[s : s + n]
     return out
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize(("count", "max_len"), [(1, 0), (7, 100), (300, 64 * 1024), (20000, 600), (3, 9 << 20)])
+@pytest.mark.parametrize(
+    ("count", "max_len"), [(1, 0), (7, 100), (300, 64 * 1024), (20000, 600), (3, 9 << 20)]
+)
 def test_device_to_device_scattered(count, max_len):
     _skip_without_gpu()
     cu = _CUDA
@@ -220,7 +224,8 @@ def test_device_helpers_and_errors():
     cu = _CUDA
     dev = cu.get_device()
     cu.set_device(dev)
-    assert native.has("cuda") and native.has("cuda_copy")
+    assert native.has("cuda")
+    assert native.has("cuda_copy")
     with pytest.raises(RuntimeError, match="cudaSetDevice"):
         cu.set_device(10_000)
     with pytest.raises(RuntimeError, match="cuda"):
@@ -230,7 +235,7 @@ def test_device_helpers_and_errors():
 
 
 @pytest.mark.gpu
-def test_ipc_handle_in_another_process():
+def test_ipc_handle_in_another_process(tmp_path):
     _skip_without_gpu()
     cu = _CUDA
     n = 1 << 16
@@ -238,7 +243,8 @@ def test_ipc_handle_in_another_process():
     ptr = _to_device(cu, data)
     try:
         handle = cu.ipc_get_mem_handle(ptr)
-        assert isinstance(handle, bytes) and len(handle) == 64
+        assert isinstance(handle, bytes)
+        assert len(handle) == 64
         code = textwrap.dedent(
             f"""
             import numpy as np
@@ -253,7 +259,9 @@ def test_ipc_handle_in_another_process():
             print(int(out.astype(np.uint64).sum()))
             """
         )
-        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+        r = subprocess.run(
+            [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path
+        )
         assert r.returncode == 0, r.stderr
         assert int(r.stdout.strip()) == int(data.astype(np.uint64).sum())
     finally:

@@ -129,6 +129,11 @@ class LlumnixKVConnector(KVConnectorBase_V1, SupportsHMA):
         if self._worker is not None:
             self._worker.shutdown()
 
+    def load_accounting(self) -> tuple[int, int]:
+        """Scheduler side: (prompt tokens loaded remotely, prompt tokens computed locally for them)."""
+        assert self._scheduler is not None
+        return self._scheduler.tokens_loaded, self._scheduler.tokens_computed_after_load
+
     def transfer_stats(self) -> AgentStats | None:
         """Bytes moved and receive time of this worker (for tools and tests)."""
         if self._worker is None or self._worker.agent is None:

@@ -81,13 +81,17 @@ class PDCluster:
 
 
 def summarize(order: str, prompts: list[list[int]], p_out: list[Completion], d_out: list[Completion],
-              base: list[Completion], bytes_moved: int, seconds: float) -> dict[str, Any]:
+              base: list[Completion], before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
     same = [d.token_ids == b.token_ids for d, b in zip(d_out, base)]
+    bytes_moved = after["transfer"].bytes_received - before["transfer"].bytes_received
+    seconds = after["transfer"].receive_seconds - before["transfer"].receive_seconds
     return {
         "order": order,
         "requests": len(prompts),
         "identical": sum(same),
-        "loaded_tokens": sum(d.num_cached_tokens for d in d_out),
+        "prompt_tokens": sum(len(p) for p in prompts),
+        "loaded_tokens": after["load"][0] - before["load"][0],
+        "decode_prefill_tokens": after["load"][1] - before["load"][1],
         "kv_bytes": bytes_moved,
         "transfer_gbps": bytes_moved / seconds / 1e9 if seconds > 0 else 0.0,
         "ttft_pd_ms": 1e3 * statistics.mean(p.ttft_s + d.ttft_s for p, d in zip(p_out, d_out)),
@@ -112,9 +116,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
                 runner = cluster.run_p_then_d if order == "p-then-d" else cluster.run_concurrent
                 p_out, d_out = runner(prompts, args.max_tokens)
                 after = cluster.decode.call("stats")
-                rows.append(summarize(order, prompts, p_out, d_out, base,
-                                      after.bytes_received - before.bytes_received,
-                                      after.receive_seconds - before.receive_seconds))
+                rows.append(summarize(order, prompts, p_out, d_out, base, before, after))
             blocks = cluster.drain()
             for r in rows:
                 r["blocks_held_after"] = blocks["prefill"]["used_blocks"] + blocks["decode"]["used_blocks"]
@@ -125,14 +127,16 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
 
 def print_table(rows: list[dict[str, Any]], transport: str) -> None:
     print(f"\nllumnix-kv PD demo: vLLM (CPU) tiny Llama, transport {transport}, loopback\n")
-    head = ("dispatch", "requests", "identical tokens", "KV bytes moved", "transfer GB/s", "TTFT PD ms",
-            "TTFT colocated ms", "blocks held after")
+    head = ("dispatch", "requests", "identical tokens", "prompt tokens loaded/computed on D", "KV bytes moved",
+            "transfer GB/s", "TTFT PD ms", "TTFT colocated ms", "blocks held after")
     print(" | ".join(head))
     print(" | ".join("-" * len(h) for h in head))
     for r in rows:
         ident = f"yes ({r['identical']}/{r['requests']})" if r["identical"] == r["requests"] else \
             f"NO ({r['identical']}/{r['requests']})"
-        print(" | ".join([r["order"], str(r["requests"]), ident, f"{r['kv_bytes']:,}", f"{r['transfer_gbps']:.3f}",
+        print(" | ".join([r["order"], str(r["requests"]), ident,
+                          f"{r['loaded_tokens']}/{r['decode_prefill_tokens']}", f"{r['kv_bytes']:,}",
+                          f"{r['transfer_gbps']:.3f}",
                           f"{r['ttft_pd_ms']:.1f}", f"{r['ttft_colocated_ms']:.1f}", str(r["blocks_held_after"])]))
 
 

@@ -113,8 +113,9 @@ def _engine_main(conn: Any, model: str, kv: dict[str, Any] | None, llm_kwargs: d
                                   "used_blocks": pool.num_gpu_blocks - 1 - pool.get_num_free_blocks()}))
             elif cmd == "stats":
                 c = connector()
-                stats = c.transfer_stats() if c is not None else None
-                conn.send(("ok", stats))
+                sched = core.scheduler.get_kv_connector()
+                conn.send(("ok", {"transfer": c.transfer_stats() if c is not None else None,
+                                  "load": sched.load_accounting() if sched is not None else None}))
             elif cmd == "shutdown":
                 conn.send(("ok", None))
                 return

@@ -30,6 +30,11 @@ class SchedulerSide:
         self._loading: dict[str, LoadPlan] = {}  # req_id -> plan, once blocks are allocated
         self._saving: dict[str, tuple[SavePlan, list[list[int]], int]] = {}  # req -> (plan, blocks, prompt)
         self._meta = LlumnixConnectorMetadata()
+        self._first_schedule: set[str] = set()  # loaded requests not yet scheduled
+        # Accounting of decode-side loads: prompt tokens that arrived over the wire, and prompt
+        # tokens the engine still computed itself for those requests (normally one each).
+        self.tokens_loaded = 0
+        self.tokens_computed_after_load = 0
 
     def set_addresses(self, by_rank: dict[int, Any]) -> None:
         self.addresses = [by_rank[r].address for r in sorted(by_rank)]
@@ -51,6 +56,8 @@ class SchedulerSide:
         if plan is None:
             return
         self._loading[request.request_id] = plan
+        self._first_schedule.add(request.request_id)
+        self.tokens_loaded += num_external_tokens
         block_ids = blocks.get_block_ids()
         self._meta.loads.append(
             LoadTask(
@@ -74,6 +81,9 @@ class SchedulerSide:
 
     def build_connector_meta(self, out: SchedulerOutput) -> LlumnixConnectorMetadata:
         for new in out.scheduled_new_reqs:
+            if new.req_id in self._first_schedule:
+                self._first_schedule.discard(new.req_id)
+                self.tokens_computed_after_load += out.num_scheduled_tokens[new.req_id]
             params = new.sampling_params.extra_args.get("kv_transfer_params") if (
                 new.sampling_params and new.sampling_params.extra_args) else None
             plan = self.policy.save_plan(params) if new.req_id not in self._saving else None
@@ -100,6 +110,7 @@ class SchedulerSide:
 
     def request_finished(self, request: Request, block_ids: tuple[list[int], ...]) -> tuple[bool, dict | None]:
         req_id = request.request_id
+        self._first_schedule.discard(req_id)
         load = self._loading.pop(req_id, None)
         if load is not None:
             from vllm.v1.request import RequestStatus

@@ -50,6 +50,9 @@ def _u64(a: np.ndarray, what: str) -> np.ndarray:
         msg = f"{what} must be a 1-D array, got shape {arr.shape}"
         raise ValueError(msg)
     if arr.dtype != np.uint64:
+        if arr.dtype.kind not in "iu":
+            msg = f"{what} must hold integers (numpy.uint64), got dtype {arr.dtype}"
+            raise ValueError(msg)
         if arr.size and arr.dtype.kind == "i" and int(arr.min()) < 0:
             msg = f"{what} holds negative values"
             raise ValueError(msg)
@@ -230,12 +233,15 @@ class TcpChannel(Channel):
     def _drop(self, nbytes: int) -> None:
         if self._scratch is None:
             self._scratch = np.empty(_SCRATCH_BYTES, dtype=np.uint8)
-        full, rest = divmod(nbytes, _SCRATCH_BYTES)
-        lengths = np.full(full + (1 if rest else 0), _SCRATCH_BYTES, dtype=np.uint64)
-        if rest:
-            lengths[-1] = rest
-        addrs = np.full(len(lengths), self._scratch.ctypes.data, dtype=np.uint64)
-        native.recv_segments(self._fd, addrs, lengths, self._io_timeout)
+        # One native call per GiB: every segment points at the same scratch buffer.
+        per_call = 256
+        addrs = np.full(per_call, self._scratch.ctypes.data, dtype=np.uint64)
+        while nbytes > 0:
+            full, rest = divmod(min(nbytes, per_call * _SCRATCH_BYTES), _SCRATCH_BYTES)
+            lengths = np.full(full + (1 if rest else 0), _SCRATCH_BYTES, dtype=np.uint64)
+            if rest:
+                lengths[-1] = rest
+            nbytes -= native.recv_segments(self._fd, addrs[: len(lengths)], lengths, self._io_timeout)
 
     def _one_frame(self) -> bool:
         """Receive and dispatch one frame; False on a clean EOF between frames."""

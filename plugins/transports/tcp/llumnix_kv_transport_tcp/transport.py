@@ -116,6 +116,12 @@ class TcpTransport(Transport):
         if config.connections_per_peer < 1:
             msg = f"connections_per_peer must be at least 1, got {config.connections_per_peer}"
             raise ValueError(msg)
+        if not (config.io_timeout_s > 0 and config.connect_timeout_s > 0):
+            msg = (
+                f"io_timeout_s and connect_timeout_s must be positive seconds, got {config.io_timeout_s} "
+                f"and {config.connect_timeout_s}"
+            )
+            raise ValueError(msg)
         self.options = TcpOptions.from_extra(config.extra)
         self._lock = threading.Lock()
         self._closed = False

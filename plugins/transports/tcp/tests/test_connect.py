@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import socket
 import time
+from importlib.metadata import entry_points
 
 import pytest
 from llumnix_kv_transport_tcp import plugin
@@ -13,7 +14,7 @@ from tcp_testkit import Recorder
 
 from llumnix_kv_core.errors import TransferError, TransferTimeoutError
 from llumnix_kv_core.interfaces.transport import TransportConfig
-from llumnix_kv_core.manager import Registry
+from llumnix_kv_core.manager import Registry, build_registry
 from llumnix_kv_core.memory import MemoryRegistry
 from llumnix_kv_core.providers import TransportProvider
 
@@ -104,6 +105,15 @@ def test_plugin_registers_the_tcp_transport():
         assert t.name == "tcp"
     finally:
         t.close()
+
+
+def test_entry_point_when_installed():
+    eps = [ep for ep in entry_points(group="llumnix_kv") if ep.name == "transport-tcp"]
+    if not eps:
+        pytest.skip("llumnix-kv is not installed in this environment (running from the source tree)")
+    assert eps[0].value == "llumnix_kv_transport_tcp.plugin"
+    reg = build_registry(eps)
+    assert reg.transport("tcp").name == "tcp"
 
 
 def test_plugin_loads_through_the_registry():

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from tcp_testkit import Recorder, expected_copy, registered, scatter_plan
 
-from llumnix_kv_core import wire
+from llumnix_kv_core import native, wire
 from llumnix_kv_core.errors import TransferError, TransferTimeoutError
 from llumnix_kv_core.memory import MemoryRegistry
 from llumnix_kv_core.wire import Kind
@@ -240,6 +240,82 @@ def test_handler_exception_does_not_kill_the_channel(make_transport):
     assert not shand.closed
 
 
+def test_handler_accept_exception_drops_the_payload(make_transport):
+    bad = b"\x0b" * 16
+
+    def accept(tid: bytes, _layer: int) -> bool:
+        if tid == bad:
+            raise RuntimeError("handler bug")
+        return True
+
+    srv, cli = make_transport(), make_transport(connections_per_peer=1)
+    smem = MemoryRegistry()
+    dst = registered(smem, 1, 4096)
+    shand = Recorder(accept_cb=accept)
+    peer = cli.connect(srv.listen("127.0.0.1", 0, shand, smem), Recorder(), MemoryRegistry())
+    src = np.full(4096, 3, np.uint8)
+    args = (np.array([src.ctypes.data], np.uint64), np.ones(1, np.uint64), np.zeros(1, np.uint64),
+            np.array([4096], np.uint64))
+    peer.channels[0].send_data(bad, 0, *args)
+    assert not dst.any()
+    peer.channels[0].send_data(b"\x0c" * 16, 0, *args)
+    shand.wait(lambda r: len(r.data) == 1)
+    assert shand.data[0][1] == b"\x0c" * 16
+    assert (dst == 3).all()
+    assert not shand.closed
+
+
+def test_bad_send_arguments_leave_the_channel_usable(pair):
+    _, shand, _, peer, _, _ = pair
+    ch = peer.channels[0]
+    one = np.ones(1, np.uint64)
+    with pytest.raises(ValueError, match="one length"):
+        ch.send_data(wire.new_transfer_id(), 0, one, one, np.zeros(2, np.uint64), one)
+    with pytest.raises(ValueError, match="integers"):
+        ch.send_data(wire.new_transfer_id(), 0, one, one, np.zeros(1, np.float64), one)
+    with pytest.raises(ValueError, match="layer"):
+        ch.send_data(wire.new_transfer_id(), -1, one, one, one, one)
+    with pytest.raises(ValueError, match="send_data"):
+        ch.send_control(Kind.DATA, wire.new_transfer_id())
+    ch.send_control(Kind.CANCEL, wire.new_transfer_id(), {"why": "test"})
+    shand.wait(lambda r: len(r.controls) == 1)
+    assert not ch.closed
+
+
+def test_close_unblocks_a_stuck_sender(make_transport):
+    """A send blocked on a peer that does not read fails at once when the channel is closed."""
+    lsock = socket.create_server(("127.0.0.1", 0))
+    try:
+        cli = make_transport(io_timeout_s=60.0, connections_per_peer=1)
+        peer = cli.connect(f"127.0.0.1:{lsock.getsockname()[1]}", Recorder(), MemoryRegistry())
+        conn, _ = lsock.accept()
+        big = np.zeros(256 << 20, np.uint8)
+        one = np.ones(1, np.uint64)
+        errors: list[BaseException] = []
+
+        def send() -> None:
+            try:
+                peer.channels[0].send_data(wire.new_transfer_id(), 0, np.array([big.ctypes.data], np.uint64),
+                                           one, np.zeros(1, np.uint64), np.array([big.nbytes], np.uint64))
+            except BaseException as exc:
+                errors.append(exc)
+
+        th = threading.Thread(target=send)
+        th.start()
+        time.sleep(0.3)
+        assert th.is_alive()
+        t0 = time.monotonic()
+        cli.close()
+        th.join(10)
+        assert not th.is_alive()
+        assert time.monotonic() - t0 < 10
+        assert len(errors) == 1
+        assert isinstance(errors[0], TransferError)
+        conn.close()
+    finally:
+        lsock.close()
+
+
 def test_send_times_out_when_peer_does_not_read(make_transport):
     """A peer that accepts but never reads: the send fails after io_timeout_s, the channel closes."""
     lsock = socket.create_server(("127.0.0.1", 0))
@@ -303,5 +379,5 @@ def test_loopback_throughput(make_transport, label, n, seg):
         ch.send_data(wire.new_transfer_id(), i, addrs, regions, off[::-1].copy(), lengths)
     shand.wait(lambda r: len(r.data) == rounds + 1)
     dt = time.perf_counter() - t0
-    print(f"\ntcp loopback, {label}: {rounds * size / dt / 1e9:.2f} GB/s")
+    print(f"\ntcp loopback ({native.implementation} I/O), {label}: {rounds * size / dt / 1e9:.2f} GB/s")
     assert (dst == 0x5A).all()

