@@ -30,8 +30,12 @@ struct alignas(16) SegmentDesc {
   std::uint64_t first_chunk;
 };
 
-constexpr int kThreads = 256;
-constexpr int kCtasPerSm = 8;
+#ifndef LLUMNIX_KV_COPY_THREADS
+#define LLUMNIX_KV_COPY_THREADS 256
+#endif
+// Threads per CTA, and CTAs per SM so that an SM holds 2048 threads.
+constexpr int kThreads = LLUMNIX_KV_COPY_THREADS;
+constexpr int kCtasPerSm = 2048 / kThreads;
 constexpr int kUnroll = 4;
 constexpr std::uint64_t kMinChunkBytes = 16 * 1024;   // multiple of 4 KiB keeps alignment
 constexpr std::uint64_t kMaxChunkBytes = 4ull << 20;  // bounds one CTA's share of a segment
@@ -80,16 +84,27 @@ __device__ __forceinline__ void copy_range(const unsigned char* s, unsigned char
 
 // Grid-stride over all chunks of all segments: each CTA takes one chunk at a
 // time, so a large segment is spread over many CTAs and each small one costs
-// one chunk. chunk_seg[w] names the segment of chunk w (no search needed).
+// one chunk. chunk_seg[w] names the segment of chunk w (no search), and the
+// next chunk's descriptor is fetched before the current chunk is copied so
+// that its latency overlaps the copy.
 __global__ void __launch_bounds__(kThreads)
     copy_segments_kernel(const SegmentDesc* __restrict__ descs, const std::uint32_t* __restrict__ chunk_seg,
                          std::uint64_t total_chunks, std::uint64_t chunk_bytes) {
-  for (std::uint64_t w = blockIdx.x; w < total_chunks; w += gridDim.x) {
-    const SegmentDesc dsc = descs[chunk_seg[w]];
-    const std::uint64_t off = (w - dsc.first_chunk) * chunk_bytes;
-    const std::uint64_t len = min(chunk_bytes, dsc.len - off);
-    copy_range(reinterpret_cast<const unsigned char*>(dsc.src) + off, reinterpret_cast<unsigned char*>(dsc.dst) + off,
+  std::uint64_t w = blockIdx.x;
+  if (w >= total_chunks) return;
+  SegmentDesc cur = descs[chunk_seg[w]];
+  for (;;) {
+    const std::uint64_t next_w = w + gridDim.x;
+    const bool more = next_w < total_chunks;
+    SegmentDesc next;
+    if (more) next = descs[chunk_seg[next_w]];
+    const std::uint64_t off = (w - cur.first_chunk) * chunk_bytes;
+    const std::uint64_t len = min(chunk_bytes, cur.len - off);
+    copy_range(reinterpret_cast<const unsigned char*>(cur.src) + off, reinterpret_cast<unsigned char*>(cur.dst) + off,
                len);
+    if (!more) break;
+    cur = next;
+    w = next_w;
   }
 }
 
