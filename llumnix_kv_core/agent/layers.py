@@ -34,7 +34,7 @@ class LayerTable:
     def __getitem__(self, name: str) -> LayerEntry:
         return self.entries[name]
 
-    def __iter__(self):  # noqa: ANN204
+    def __iter__(self):
         return iter(self.entries.values())
 
     def __len__(self) -> int:

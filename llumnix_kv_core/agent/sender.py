@@ -312,7 +312,7 @@ class KVSender:
                 t.outstanding += 1
                 peer.queues[chans[0]].put(self._done_job(t, peer, chans[0]))
 
-    def _data_job(self, t, peer, index, layer, src, regions, offs, lens) -> Callable[[], None]:  # noqa: ANN001
+    def _data_job(self, t, peer, index, layer, src, regions, offs, lens) -> Callable[[], None]:
         def run() -> None:
             chan = peer.channels.get(index)
             try:
@@ -327,7 +327,7 @@ class KVSender:
 
         return run
 
-    def _done_job(self, t, peer, index) -> Callable[[], None]:  # noqa: ANN001
+    def _done_job(self, t, peer, index) -> Callable[[], None]:
         def run() -> None:
             chan = peer.channels.get(index)
             try:

@@ -17,7 +17,7 @@ MAX_TOKENS = 12
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
+def cluster(tmp_path_factory: pytest.TempPathFactory):
     from llumnix_kv_engine_vllm.demo import PDCluster
     from llumnix_kv_engine_vllm.harness import write_model
 
@@ -27,7 +27,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory):  # noqa: ANN201
 
 
 @pytest.mark.parametrize("order", ["p-then-d", "concurrent"])
-def test_pd_token_identical(cluster, order: str) -> None:  # noqa: ANN001
+def test_pd_token_identical(cluster, order: str) -> None:
     from llumnix_kv_engine_vllm.demo import make_prompts
 
     prompts = make_prompts(LENGTHS, seed=101 if order == "p-then-d" else 202)
@@ -53,12 +53,13 @@ def test_pd_token_identical(cluster, order: str) -> None:  # noqa: ANN001
     assert held["decode"] == {"pending": False, "used_blocks": 0}
 
 
-def test_p_output_params_follow_vllm_protocol(cluster) -> None:  # noqa: ANN001
+def test_p_output_params_follow_vllm_protocol(cluster) -> None:
     from llumnix_kv_core.scenarios.pd import prefill_params
 
     (out,) = cluster.prefill.generate([[7] * 40], [prefill_params()], max_tokens=1)
     params = out.kv_transfer_params
-    assert params["do_remote_prefill"] is True and params["do_remote_decode"] is False
+    assert params["do_remote_prefill"] is True
+    assert params["do_remote_decode"] is False
     assert params["remote_addresses"] == [cluster.prefill_address]
     assert len(params["transfer_id"]) == 32
     # Nobody pulls this one: P holds its blocks until the lease ends, not forever.

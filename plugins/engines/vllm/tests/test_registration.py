@@ -4,9 +4,8 @@ pytestmark = pytest.mark.vllm
 
 
 def test_general_plugin_registers_connector_idempotently() -> None:
-    from vllm.distributed.kv_transfer.kv_connector.factory import KVConnectorFactory
-
     from llumnix_kv_engine_vllm.registration import register
+    from vllm.distributed.kv_transfer.kv_connector.factory import KVConnectorFactory
 
     register()
     register()

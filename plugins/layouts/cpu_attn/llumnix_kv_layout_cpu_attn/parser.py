@@ -38,7 +38,7 @@ class CpuAttnParser(LayoutParser):
         tensors = []
         for d in desc.tensors:
             t = tensor_layout_from_bhnc(d)
-            heads, tokens, content = t.logical
+            heads, tokens, _content = t.logical
             if d.strides[2] * tokens != d.strides[1] and heads > 1:
                 msg = f"CPU_ATTN tensor {d.name!r} is not head-major (LBHNC); got strides {d.strides}"
                 raise LayoutError(msg)
