@@ -20,9 +20,13 @@ from typing import Any
 
 import numpy as np
 
-from llumnix_kv_core import native, wire
-from llumnix_kv_core.errors import FrameError, TransferError, TransferTimeoutError
-from llumnix_kv_core.interfaces.transport import Channel, FrameHandler
+from llumnix_kv_core import native
+from llumnix_kv_core import wire
+from llumnix_kv_core.errors import FrameError
+from llumnix_kv_core.errors import TransferError
+from llumnix_kv_core.errors import TransferTimeoutError
+from llumnix_kv_core.interfaces.transport import Channel
+from llumnix_kv_core.interfaces.transport import FrameHandler
 from llumnix_kv_core.memory import MemoryRegistry
 from llumnix_kv_core.wire import Kind
 

@@ -8,7 +8,8 @@ from llumnix_kv_core.markers import hookimpl
 from llumnix_kv_core.providers import TransportProvider
 
 if TYPE_CHECKING:
-    from llumnix_kv_core.interfaces.transport import Transport, TransportConfig
+    from llumnix_kv_core.interfaces.transport import Transport
+    from llumnix_kv_core.interfaces.transport import TransportConfig
 
 
 def _factory(config: TransportConfig) -> Transport:

@@ -7,7 +7,8 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from llumnix_kv_core.errors import TransferError, TransferTimeoutError
+from llumnix_kv_core.errors import TransferError
+from llumnix_kv_core.errors import TransferTimeoutError
 
 DEFAULT_SOCKET_BUFFER = 4 << 20
 

@@ -12,17 +12,19 @@ import socket
 import threading
 
 from llumnix_kv_core.errors import TransferError
-from llumnix_kv_core.interfaces.transport import Channel, FrameHandler, Peer, Transport, TransportConfig
+from llumnix_kv_core.interfaces.transport import Channel
+from llumnix_kv_core.interfaces.transport import FrameHandler
+from llumnix_kv_core.interfaces.transport import Peer
+from llumnix_kv_core.interfaces.transport import Transport
+from llumnix_kv_core.interfaces.transport import TransportConfig
 from llumnix_kv_core.memory import MemoryRegistry
 from llumnix_kv_transport_tcp.channel import TcpChannel
-from llumnix_kv_transport_tcp.sockets import (
-    TcpOptions,
-    format_address,
-    open_connection,
-    open_listener,
-    sockaddr_str,
-    tune,
-)
+from llumnix_kv_transport_tcp.sockets import TcpOptions
+from llumnix_kv_transport_tcp.sockets import format_address
+from llumnix_kv_transport_tcp.sockets import open_connection
+from llumnix_kv_transport_tcp.sockets import open_listener
+from llumnix_kv_transport_tcp.sockets import sockaddr_str
+from llumnix_kv_transport_tcp.sockets import tune
 
 log = logging.getLogger(__name__)
 

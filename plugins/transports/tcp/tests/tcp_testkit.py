@@ -12,8 +12,11 @@ from typing import Any
 import numpy as np
 
 from llumnix_kv_core import wire
-from llumnix_kv_core.interfaces.transport import Channel, FrameHandler, TransportConfig
-from llumnix_kv_core.memory import MemoryRegion, MemoryRegistry
+from llumnix_kv_core.interfaces.transport import Channel
+from llumnix_kv_core.interfaces.transport import FrameHandler
+from llumnix_kv_core.interfaces.transport import TransportConfig
+from llumnix_kv_core.memory import MemoryRegion
+from llumnix_kv_core.memory import MemoryRegistry
 from llumnix_kv_core.wire import Kind
 
 WAIT_S = 20.0

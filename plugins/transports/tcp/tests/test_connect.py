@@ -8,13 +8,17 @@ from importlib.metadata import entry_points
 
 import pytest
 from llumnix_kv_transport_tcp import plugin
-from llumnix_kv_transport_tcp.sockets import TcpOptions, format_address, parse_address
+from llumnix_kv_transport_tcp.sockets import TcpOptions
+from llumnix_kv_transport_tcp.sockets import format_address
+from llumnix_kv_transport_tcp.sockets import parse_address
 from llumnix_kv_transport_tcp.transport import TcpTransport
 from tcp_testkit import Recorder
 
-from llumnix_kv_core.errors import TransferError, TransferTimeoutError
+from llumnix_kv_core.errors import TransferError
+from llumnix_kv_core.errors import TransferTimeoutError
 from llumnix_kv_core.interfaces.transport import TransportConfig
-from llumnix_kv_core.manager import Registry, build_registry
+from llumnix_kv_core.manager import Registry
+from llumnix_kv_core.manager import build_registry
 from llumnix_kv_core.memory import MemoryRegistry
 from llumnix_kv_core.providers import TransportProvider
 

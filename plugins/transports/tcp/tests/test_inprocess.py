@@ -8,10 +8,15 @@ import time
 
 import numpy as np
 import pytest
-from tcp_testkit import Recorder, expected_copy, registered, scatter_plan
+from tcp_testkit import Recorder
+from tcp_testkit import expected_copy
+from tcp_testkit import registered
+from tcp_testkit import scatter_plan
 
-from llumnix_kv_core import native, wire
-from llumnix_kv_core.errors import TransferError, TransferTimeoutError
+from llumnix_kv_core import native
+from llumnix_kv_core import wire
+from llumnix_kv_core.errors import TransferError
+from llumnix_kv_core.errors import TransferTimeoutError
 from llumnix_kv_core.memory import MemoryRegistry
 from llumnix_kv_core.wire import Kind
 
@@ -210,8 +215,9 @@ def test_transport_close_is_idempotent_and_stops_everything(make_transport):
     shand, chand = Recorder(), Recorder()
     addr = srv.listen("127.0.0.1", 0, shand, MemoryRegistry())
     peer = cli.connect(addr, chand, MemoryRegistry())
-    peer.channels[0].send_control(Kind.HELLO, wire.new_transfer_id())
-    shand.wait(lambda r: len(r.controls) == 1)
+    for ch in peer.channels:  # both connections accepted before closing
+        ch.send_control(Kind.HELLO, wire.new_transfer_id())
+    shand.wait(lambda r: len(r.controls) == 2)
     srv.close()
     srv.close()
     shand.wait(lambda r: len(r.closed) == 2)

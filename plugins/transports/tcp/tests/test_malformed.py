@@ -6,7 +6,10 @@ import socket
 
 import numpy as np
 import pytest
-from tcp_testkit import Recorder, raw_frame, read_frame, registered
+from tcp_testkit import Recorder
+from tcp_testkit import raw_frame
+from tcp_testkit import read_frame
+from tcp_testkit import registered
 
 from llumnix_kv_core import wire
 from llumnix_kv_core.errors import FrameError

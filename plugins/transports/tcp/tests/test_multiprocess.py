@@ -9,7 +9,8 @@ import threading
 import numpy as np
 import pytest
 import tcp_testkit
-from tcp_testkit import Recorder, registered
+from tcp_testkit import Recorder
+from tcp_testkit import registered
 
 from llumnix_kv_core.errors import TransferError
 from llumnix_kv_core.memory import MemoryRegistry
