@@ -146,10 +146,17 @@ def signature_hash(signature: Mapping[str, Any]) -> str:
     return hashlib.sha256(json.dumps(signature, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def check_compatible(local: Mapping[str, Any], remote: Mapping[str, Any], *, what: str = "KV cache") -> None:
-    """Raise IncompatiblePeerError naming every field on which two signatures differ."""
+def check_compatible(
+    local: Mapping[str, Any],
+    remote: Mapping[str, Any],
+    *,
+    what: str = "KV cache",
+    sides: tuple[str, str] = ("here", "peer"),
+) -> None:
+    """Raise IncompatiblePeerError naming every field on which two signatures differ, with both values."""
     keys = sorted(set(local) | set(remote))
-    diffs = [f"{k}: here={local.get(k)!r} peer={remote.get(k)!r}" for k in keys if local.get(k) != remote.get(k)]
+    a, b = sides
+    diffs = [f"{k}: {a}={local.get(k)!r} {b}={remote.get(k)!r}" for k in keys if local.get(k) != remote.get(k)]
     if diffs:
         msg = (
             f"{what} of the two instances differ ({'; '.join(diffs)}). Run prefill and decode with the same "

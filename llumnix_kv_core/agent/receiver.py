@@ -231,8 +231,12 @@ class KVReceiver:
         alive = {th.ident for th in threading.enumerate()}
         return {tid for ident, tid in self._inflight.items() if ident in alive}
 
-    def _link(self, address: str) -> SenderLink:
-        """Connected and handshaken link to ``address`` (called on the pull thread)."""
+    def _link(self, address: str, tid: str) -> SenderLink:
+        """Connected and handshaken link to ``address`` (called on the pull thread).
+
+        If the sender refuses the handshake, transfer ``tid`` is cancelled there before the
+        connection closes, so the sender frees its blocks now rather than at the end of its lease.
+        """
         with self._lock:
             link = self._links.get(address)
             if link is not None:
@@ -262,6 +266,11 @@ class KVReceiver:
             if not ok:
                 self._links.pop(address, None)
         if not ok:
+            if link.error:
+                try:
+                    peer.channels[0].send_control(Kind.CANCEL, tid)
+                except Exception:
+                    log.debug("could not cancel %s at %s", tid, address)
             peer.close()
             why = link.error or f"no handshake answer from {address} within {self.timeout_s:.0f} s"
             msg = f"handshake with the prefill instance at {address} failed: {why}"
@@ -274,7 +283,7 @@ class KVReceiver:
             if t is None:
                 return
             try:
-                link = self._link(t.address)
+                link = self._link(t.address, t.tid)
                 with self._lock:
                     if t.state != "connecting":
                         continue

@@ -79,6 +79,7 @@ class KVSender:
         self._peers: dict[str, ReceiverPeer] = {}
         self._channel_peer: dict[int, tuple[ReceiverPeer, int]] = {}
         self._released: set[str] = set()
+        self._cancelled_early: dict[str, float] = {}  # cancelled before this side opened them
         self._stopped = False
         self.bytes_sent = 0
         self._planner = threading.Thread(target=self._plan_loop, name="llumnix-kv-planner", daemon=True)
@@ -91,6 +92,8 @@ class KVSender:
             t = self._transfers.get(tid)
             if t is None:
                 t = self._transfers[tid] = SendTransfer(tid, {g: list(b) for g, b in blocks.items()})
+                if self._cancelled_early.pop(tid, None) is not None:
+                    t.state, t.error = "cancelled", "the decode instance cancelled the transfer"
                 for e in self.layers:
                     self._add_unit(t, e.name, 0, (ready or {}).get(e.group_id, 0))
                 pending = self._pending_pulls.pop(tid, None)
@@ -145,12 +148,12 @@ class KVSender:
     # -- frames (transport receive threads) -------------------------------------------------
     def on_hello(self, channel: Channel, body: dict[str, Any]) -> None:
         try:
-            check_compatible(self.signature, body.get("signature", {}))
+            check_compatible(self.signature, body.get("signature", {}), sides=("sender", "receiver"))
             layers = remote_layers(body.get("layers", []), self.layers)
         except IncompatiblePeerError as exc:
+            # Refuse, but keep the connection: the receiver cancels its transfer on it and closes.
             log.error("refusing receiver %s: %s", channel.peer_name, exc)
             channel.send_control(Kind.ERROR, bytes(16), {"error": str(exc)})
-            channel.close()
             return
         agent_id, index = str(body["agent"]), int(body.get("channel", 0))
         with self._lock:
@@ -192,7 +195,9 @@ class KVSender:
         with self._lock:
             self._pending_pulls.pop(tid, None)
             t = self._transfers.get(tid)
-            if t is not None and t.state == "open":
+            if t is None:
+                self._cancelled_early[tid] = time.monotonic() + self.timeout_s
+            elif t.state == "open":
                 self._fail(t, "cancelled", "the decode instance cancelled the transfer", notify=False)
             self._lock.notify_all()
 
@@ -360,6 +365,9 @@ class KVSender:
                 log.warning("transfer %s expired unclaimed; freeing its blocks", t.tid)
             elif t.peer is not None and now > t.expires + self.timeout_s:
                 self._fail(t, "failed", "the decode instance never confirmed the transfer")
+        for tid, deadline in list(self._cancelled_early.items()):
+            if now > deadline:
+                del self._cancelled_early[tid]
         for tid, (peer, _body, deadline) in list(self._pending_pulls.items()):
             if now > deadline:
                 del self._pending_pulls[tid]

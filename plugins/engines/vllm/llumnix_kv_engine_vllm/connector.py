@@ -122,9 +122,6 @@ class LlumnixKVConnector(KVConnectorBase_V1, SupportsHMA):
         return KVConnectorTransferResults(set(sending or ()), set(recving or ()),
                                           self._worker.take_failed_recving())
 
-    def get_block_ids_with_load_errors(self) -> set[int]:
-        return self._worker.take_load_errors() if self._worker is not None else set()
-
     def shutdown(self) -> None:
         if self._worker is not None:
             self._worker.shutdown()
@@ -133,6 +130,10 @@ class LlumnixKVConnector(KVConnectorBase_V1, SupportsHMA):
         """Scheduler side: (prompt tokens loaded remotely, prompt tokens computed locally for them)."""
         assert self._scheduler is not None
         return self._scheduler.tokens_loaded, self._scheduler.tokens_computed_after_load
+
+    def recent_load_errors(self) -> list[tuple[str, str]]:
+        """Worker side: the last failed loads as (request id, reason)."""
+        return list(self._worker.recent_errors) if self._worker is not None else []
 
     def transfer_stats(self) -> AgentStats | None:
         """Bytes moved and receive time of this worker (for tools and tests)."""

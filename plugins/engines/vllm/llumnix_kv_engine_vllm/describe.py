@@ -9,6 +9,7 @@ import torch
 
 from llumnix_kv_core.layout import CacheGroupDescription
 from llumnix_kv_core.layout import TensorDescription
+from llumnix_kv_core.layout import signature_hash
 from llumnix_kv_core.wire import VERSION as WIRE_VERSION
 
 if TYPE_CHECKING:
@@ -85,11 +86,14 @@ def engine_signature(vllm_config: VllmConfig, layout_signatures: list[Any]) -> d
     import vllm
 
     mc, pc = vllm_config.model_config, vllm_config.parallel_config
+    hf = {k: v for k, v in mc.hf_config.to_dict().items() if not k.startswith("_") and k != "torch_dtype"}
     return {
         "protocol": WIRE_VERSION,
         "engine": "vllm",
         "vllm_version": vllm.__version__,
-        "model": str(mc.model),
+        # The model's architecture and configuration, not its path: instances load it from anywhere.
+        "model": ",".join(mc.architectures or ()),
+        "model_config": signature_hash(hf),
         "dtype": str(mc.dtype),
         "cache_dtype": str(vllm_config.cache_config.cache_dtype),
         "num_layers": mc.get_num_layers(pc),

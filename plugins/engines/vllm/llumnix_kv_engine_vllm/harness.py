@@ -46,6 +46,7 @@ def write_model(directory: Path, config: dict[str, Any] | None = None) -> Path:
 @dataclass(frozen=True)
 class Completion:
     token_ids: list[int]
+    finish_reason: str | None
     kv_transfer_params: dict[str, Any] | None
     num_cached_tokens: int
     ttft_s: float
@@ -99,7 +100,7 @@ def _engine_main(conn: Any, model: str, kv: dict[str, Any] | None, llm_kwargs: d
                 t0 = time.perf_counter()
                 outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], sps, use_tqdm=False)
                 wall = time.perf_counter() - t0
-                result = [Completion(list(o.outputs[0].token_ids), o.kv_transfer_params, o.num_cached_tokens or 0,
+                result = [Completion(list(o.outputs[0].token_ids), o.outputs[0].finish_reason, o.kv_transfer_params, o.num_cached_tokens or 0,
                                      (o.metrics.first_token_latency if o.metrics is not None else wall))
                           for o in outs]
                 conn.send(("ok", result))
@@ -115,6 +116,7 @@ def _engine_main(conn: Any, model: str, kv: dict[str, Any] | None, llm_kwargs: d
                 c = connector()
                 sched = core.scheduler.get_kv_connector()
                 conn.send(("ok", {"transfer": c.transfer_stats() if c is not None else None,
+                                  "errors": c.recent_load_errors() if c is not None else [],
                                   "load": sched.load_accounting() if sched is not None else None}))
             elif cmd == "shutdown":
                 conn.send(("ok", None))

@@ -34,12 +34,16 @@ class SaveStep:
 
 @dataclass(frozen=True)
 class SaveFinished:
-    """Prefill side: the request finished; keep its blocks for ``lease_s`` (or cancel when not ok)."""
+    """Prefill side: the request finished; keep its blocks for ``lease_s`` (or cancel when not ok).
+
+    ``delayed`` says whether the engine waits for a finished_sending report before freeing them.
+    """
 
     req_id: str
     transfer_id: str
     ok: bool
     lease_s: float
+    delayed: bool
 
 
 @dataclass

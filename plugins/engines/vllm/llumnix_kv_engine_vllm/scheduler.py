@@ -127,7 +127,8 @@ class SchedulerSide:
         plan, _blocks, prompt_len = saving
         has_blocks = any(block_ids)
         ok = has_blocks and request.num_computed_tokens >= prompt_len
-        self._meta.finished_saves.append(SaveFinished(req_id, plan.transfer_id, ok, plan.lease_s))
+        self._meta.finished_saves.append(SaveFinished(req_id, plan.transfer_id, ok, plan.lease_s, has_blocks))
         if not ok:
+            # Aborted before its prefill completed: blocks stay until the sender has stopped reading them.
             return has_blocks, None
         return True, self.policy.output_params(plan, self.addresses, self.engine_id)

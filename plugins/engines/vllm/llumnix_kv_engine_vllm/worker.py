@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections import deque
 from typing import TYPE_CHECKING
 from typing import Any
 
@@ -48,8 +49,10 @@ class WorkerSide:
         self._finished: set[str] = set()  # request ids the engine reported finished (prefill side)
         self._recv_req: dict[str, LoadTask] = {}  # transfer id -> task (decode side)
         self._cancelled: set[str] = set()
-        self._load_errors: set[int] = set()
         self._failed_recv: set[str] = set()
+        self._unreported: set[str] = set()  # transfer ids whose release the engine does not wait for
+        self._late_recving: set[str] = set()  # cancelled after completion was already reported
+        self.recent_errors: deque[tuple[str, str]] = deque(maxlen=100)  # (request id, why a load failed)
 
     # -- setup -------------------------------------------------------------------------------------
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
@@ -99,6 +102,11 @@ class WorkerSide:
             self._recv_req[task.transfer_id] = task
             agent.receiver.start(task.transfer_id, address, blocks, start)
         for req_id, tid in meta.cancelled_loads:
+            if tid not in self._recv_req:
+                # Its completion was reported before the engine finished the request; the engine now
+                # waits for another report to free the blocks.
+                self._late_recving.add(req_id)
+                continue
             self._cancelled.add(req_id)
             agent.receiver.cancel(tid)
         for s in meta.saves:
@@ -109,6 +117,8 @@ class WorkerSide:
         self._step_saves = meta.saves
         for f in meta.finished_saves:
             self._send_req[f.transfer_id] = f.req_id
+            if not f.delayed:
+                self._unreported.add(f.transfer_id)
             agent.sender.seal(f.transfer_id, f.ok, f.lease_s)
 
     def save_layer(self, layer_name: str) -> None:
@@ -132,14 +142,16 @@ class WorkerSide:
             return None, None
         for tid in self.agent.sender.poll_released():
             req = self._send_req.pop(tid, None)
-            if req is not None:
+            if tid in self._unreported:
+                self._unreported.discard(tid)
+            elif req is not None:
                 self._released.add(req)
         self._finished |= finished_req_ids
         sending = self._released & self._finished
         self._released -= sending
         self._finished -= sending
         done, failed = self.agent.receiver.poll()
-        recving = set()
+        recving, self._late_recving = self._late_recving, set()
         for tid in done:
             recving.add(self._recv_req.pop(tid).req_id)
         for tid, why in failed.items():
@@ -149,14 +161,9 @@ class WorkerSide:
                 self._cancelled.discard(task.req_id)
                 continue
             log.error("KV load of request %s (transfer %s) failed: %s", task.req_id, tid, why)
+            self.recent_errors.append((task.req_id, why))
             self._failed_recv.add(task.req_id)
-            for g, blocks in enumerate(task.blocks):
-                self._load_errors.update(blocks[task.start_token // self.block_sizes[g]:])
         return sending or None, recving or None
-
-    def take_load_errors(self) -> set[int]:
-        out, self._load_errors = self._load_errors, set()
-        return out
 
     def take_failed_recving(self) -> set[str]:
         out, self._failed_recv = self._failed_recv, set()
