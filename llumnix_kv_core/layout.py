@@ -74,6 +74,7 @@ class TensorLayout:
     unit_bytes: int
     extent: int  # bytes from ``addr`` that the tensor may touch
     logical: tuple[int, ...]  # logical per-block shape, last dim in bytes
+    order: str = ""  # memory order of the logical dims inside a block, outermost first (e.g. "HN")
 
     @property
     def page_bytes(self) -> int:
@@ -81,7 +82,7 @@ class TensorLayout:
 
     def geometry(self) -> tuple[Any, ...]:
         """What must match between two sides for a byte-for-byte block copy."""
-        return (self.logical, self.unit_bytes, len(self.unit_offsets))
+        return (self.logical, self.order, self.unit_bytes, len(self.unit_offsets))
 
 
 @dataclass(frozen=True)
@@ -139,7 +140,14 @@ def tensor_layout_from_bhnc(t: TensorDescription) -> TensorLayout:
         raise LayoutError(msg)
     offsets, unit = strided_units((h, n), (sh, sn), c * t.itemsize)
     extent = (b - 1) * sb + max(offsets) + unit if b else 0
-    return TensorLayout(t.name, t.addr, b, sb, offsets, unit, extent, (h, n, c * t.itemsize))
+    order = dim_order("HN", (h, n), (sh, sn))
+    return TensorLayout(t.name, t.addr, b, sb, offsets, unit, extent, (h, n, c * t.itemsize), order)
+
+
+def dim_order(names: str, sizes: Sequence[int], strides: Sequence[int]) -> str:
+    """Names of the dims of size > 1, outermost (largest stride) first."""
+    dims = sorted((s, name) for name, n, s in zip(names, sizes, strides) if n > 1)
+    return "".join(name for _, name in reversed(dims))
 
 
 def signature_hash(signature: Mapping[str, Any]) -> str:

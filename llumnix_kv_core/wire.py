@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import enum
 import json
+import re
 import struct
 import uuid
 from dataclasses import dataclass
@@ -64,16 +65,24 @@ def new_transfer_id() -> str:
     return uuid.uuid4().hex
 
 
-def tid_bytes(transfer_id: str) -> bytes:
-    try:
-        raw = bytes.fromhex(transfer_id)
-    except ValueError as exc:
+_CANONICAL_TID = re.compile(r"[0-9a-f]{32}")
+
+
+def canonical_transfer_id(transfer_id: str) -> str:
+    """The canonical form (32 lowercase hex digits) of a user-supplied transfer id."""
+    tid = str(transfer_id).strip().lower()
+    if not _CANONICAL_TID.fullmatch(tid):
         msg = f"transfer id {transfer_id!r} is not 32 hex digits; use wire.new_transfer_id()"
-        raise FrameError(msg) from exc
-    if len(raw) != 16:
-        msg = f"transfer id {transfer_id!r} must be 16 bytes (32 hex digits)"
         raise FrameError(msg)
-    return raw
+    return tid
+
+
+def tid_bytes(transfer_id: str) -> bytes:
+    """The 16 wire bytes of a canonical transfer id (as produced by ``canonical_transfer_id``)."""
+    if not _CANONICAL_TID.fullmatch(transfer_id):
+        msg = f"transfer id {transfer_id!r} is not 32 lowercase hex digits; use wire.new_transfer_id()"
+        raise FrameError(msg)
+    return bytes.fromhex(transfer_id)
 
 
 def pack_header(
@@ -87,6 +96,9 @@ def pack_header(
     payload_len: int = 0,
 ) -> bytes:
     tid = transfer_id if isinstance(transfer_id, bytes) else tid_bytes(transfer_id)
+    if len(tid) != 16:
+        msg = f"transfer id must be 16 bytes, got {len(tid)}"
+        raise FrameError(msg)
     return HEADER.pack(MAGIC, VERSION, int(kind), tid, layer, n_segments, body_len, flags, payload_len)
 
 
@@ -157,7 +169,11 @@ def unpack_table(raw: bytes | bytearray | memoryview, n_segments: int, payload_l
         msg = f"segment table is {len(raw)} bytes, expected {n_segments * TABLE_DTYPE.itemsize}"
         raise FrameError(msg)
     table = np.frombuffer(raw, dtype=TABLE_DTYPE)
-    total = int(table["length"].sum(dtype=np.uint64)) if n_segments else 0
+    lengths = table["length"]
+    # The uint64 sum can wrap: it counts only if no length exceeds the payload and a float sum agrees.
+    total = int(lengths.sum(dtype=np.uint64)) if n_segments else 0
+    if n_segments and (int(lengths.max()) > payload_len or lengths.sum(dtype=np.float64) > payload_len * 1.0001 + 1):
+        total = -1
     if total != payload_len:
         msg = f"segment lengths add up to {total} bytes but the header announces {payload_len}"
         raise FrameError(msg)

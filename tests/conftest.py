@@ -71,5 +71,9 @@ def make_agent(registry: Registry):
     yield make
     for agent in made:
         agent.close()
+    # A channel closed by its peer may still be finishing its on_closed callback: allow it a moment.
+    for th in threading.enumerate():
+        if th.name.startswith("lkv-tcp"):
+            th.join(5.0)
     left = [th.name for th in threading.enumerate() if th.name.startswith("lkv-tcp")]
     assert not left, f"transport threads still running after close: {left}"

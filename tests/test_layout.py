@@ -101,7 +101,7 @@ def test_strided_units_per_order(order, offsets, unit):
     assert t.logical == (h, n, cb)
     assert t.page_bytes == h * n * cb
     assert t.extent == (b - 1) * sb + offsets[-1] + unit
-    assert t.geometry() == ((h, n, cb), unit, len(offsets))
+    assert t.geometry() == ((h, n, cb), "NH" if order == "LBNHC" else "HN", unit, len(offsets))
 
 
 def test_strided_units_gaps_and_unit_dims():
@@ -204,31 +204,18 @@ def test_plan_property(case):
         assert segments == run_lengths(sb, db)
 
 
-_SAME_GEOMETRY_DIFFERENT_MEANING = pytest.mark.xfail(
-    strict=True,
-    reason="plan_blocks compares only (logical shape, unit bytes, unit count): LBNHC and LBHNC pages "
-    "are both one contiguous unit, so a byte copy between them is accepted and scrambles heads/tokens",
-)
-
-
 @pytest.mark.parametrize(
     ("src_order", "dst_order"),
-    [
-        pytest.param("LBNHC", "LBHNC", marks=_SAME_GEOMETRY_DIFFERENT_MEANING),
-        pytest.param("LBHNC", "LBNHC", marks=_SAME_GEOMETRY_DIFFERENT_MEANING),
-        ("LBNHC", "LHBNC"),
-        ("LHBNC", "LBHNC"),
-    ],
+    [("LBNHC", "LBHNC"), ("LBHNC", "LBNHC"), ("LBNHC", "LHBNC"), ("LHBNC", "LBHNC")],
 )
 def test_cross_layout_plan_is_refused_or_correct(src_order, dst_order):
     src = Cache(src_order, 8, 2, 4, 8, seed=1)
     dst = Cache(dst_order, 8, 2, 4, 8, seed=2)
-    try:
-        plan_blocks(src.layout, [1, 2], dst.layout, [5, 6])
-    except IncompatiblePeerError as exc:
-        assert "block geometry differs" in str(exc)
-        return
-    check_copy(src, [1, 2], dst, [5, 6])
+    if src.layout.geometry() != dst.layout.geometry():
+        with pytest.raises(IncompatiblePeerError, match=r"block geometry differs"):
+            plan_blocks(src.layout, [1, 2], dst.layout, [5, 6])
+    else:  # accepted: then the copy must keep every (block, head, token) cell's meaning
+        check_copy(src, [1, 2], dst, [5, 6])
 
 
 def test_plan_errors():
@@ -241,7 +228,7 @@ def test_plan_errors():
         plan_blocks(a.layout, [0], a.layout, [-1])
     other = Cache("LBNHC", 8, 2, 4, 16)
     with pytest.raises(IncompatiblePeerError, match=r"layer 'layer.0': block geometry differs \(source "
-                                                    r"\(\(2, 4, 16\), 128, 1\), destination \(\(2, 4, 32\)"):
+                                                    r"\(\(2, 4, 16\), 'NH', 128, 1\), destination \(\(2, 4, 32\)"):
         plan_blocks(a.layout, [0], other.layout, [0])
     empty = plan_blocks(a.layout, [], a.layout, [])
     assert (len(empty.lengths), empty.nbytes) == (0, 0)
@@ -275,6 +262,8 @@ def test_check_compatible_names_every_difference():
     assert msg.startswith("KV cache of the two instances differ")
     with pytest.raises(IncompatiblePeerError, match=r"^layer table of the two"):
         check_compatible({"a": 1}, {"a": 2}, what="layer table")
+    with pytest.raises(IncompatiblePeerError, match=r"dtype: sender='bfloat16' receiver='float16'"):
+        check_compatible(here, peer, sides=("sender", "receiver"))
     check_compatible(here, dict(here))
     check_compatible({}, {})
 

@@ -346,3 +346,45 @@ def test_installed_first_party_plugins(registry):
 
 def test_get_registry_is_built_once():
     assert get_registry() is get_registry()
+
+
+# -- the built-in scenario, as the registry hands it out --------------------------------------------
+
+def test_pd_policy_from_the_registry(registry, monkeypatch):
+    from llumnix_kv_core.errors import FrameError
+    from llumnix_kv_core.errors import LlumnixKVError
+    from llumnix_kv_core.scenarios import pd
+
+    policy = registry.scenario("pd").factory({"lease_s": 7})
+    assert policy.name == "pd"
+    # prefill side
+    assert pd.prefill_params() == {"do_remote_decode": True}
+    plan = policy.save_plan(pd.prefill_params())
+    assert len(plan.transfer_id) == 32
+    assert plan.lease_s == 7.0
+    assert policy.save_plan(pd.prefill_params()).transfer_id != plan.transfer_id
+    tid = "ab" * 16
+    assert policy.save_plan({**pd.prefill_params(tid), "lease_s": 1.5}) == pd.SavePlan(tid, 1.5)
+    assert registry.scenario("pd").factory({}).save_plan(pd.prefill_params()).lease_s == pd.DEFAULT_LEASE_S
+    for params in (None, {}, {"do_remote_decode": False}, pd.decode_params(tid, ["h:1"])):
+        assert policy.save_plan(params) is None
+    with pytest.raises(FrameError, match=r"not 32 hex digits"):
+        policy.save_plan(pd.prefill_params("not-a-transfer-id"))
+    # P's output goes unchanged to D
+    monkeypatch.setattr(pd.time, "time", lambda: 1000.0)
+    out = policy.output_params(plan, ["10.0.0.1:7000", "10.0.0.1:7001"], "engine-p")
+    assert out == {"do_remote_prefill": True, "do_remote_decode": False, "transfer_id": plan.transfer_id,
+                   "remote_addresses": ["10.0.0.1:7000", "10.0.0.1:7001"], "remote_engine_id": "engine-p",
+                   "lease_expires_at": 1007.0}
+    load = policy.load_plan(out)
+    assert load == pd.LoadPlan(plan.transfer_id, ("10.0.0.1:7000", "10.0.0.1:7001"), "engine-p")
+    assert policy.save_plan(out) is None
+    # decode side
+    for params in (None, {}, pd.prefill_params(tid)):
+        assert policy.load_plan(params) is None
+    for params in ({"do_remote_prefill": True, "remote_addresses": ["h:1"]},
+                   {"do_remote_prefill": True, "transfer_id": tid, "remote_addresses": []}):
+        with pytest.raises(LlumnixKVError, match=r"decode_params\(\)"):
+            policy.load_plan(params)
+    with pytest.raises(FrameError):
+        policy.load_plan(pd.decode_params("12345", ["h:1"]))

@@ -57,9 +57,10 @@ def test_transfer_ids():
 @pytest.mark.parametrize(
     ("tid", "match"),
     [
-        ("not-hex-at-all", r"not 32 hex digits"),
-        ("abcd", r"must be 16 bytes"),
-        ("00" * 17, r"must be 16 bytes"),
+        ("not-hex-at-all", r"not 32 lowercase hex digits"),
+        ("abcd", r"not 32 lowercase hex digits"),
+        ("00" * 17, r"not 32 lowercase hex digits"),
+        ("AB" * 16, r"not 32 lowercase hex digits"),
     ],
 )
 def test_bad_transfer_id(tid, match):
@@ -67,6 +68,20 @@ def test_bad_transfer_id(tid, match):
         wire.tid_bytes(tid)
     with pytest.raises(FrameError, match=match):
         wire.pack_header(Kind.PULL, tid)
+
+
+def test_transfer_ids_are_canonicalised_and_raw_ids_checked():
+    assert wire.canonical_transfer_id(" " + "AB" * 16 + " ") == "ab" * 16
+    with pytest.raises(FrameError, match=r"not 32 hex digits"):
+        wire.canonical_transfer_id("abcd")
+    with pytest.raises(FrameError, match=r"must be 16 bytes, got 3"):
+        wire.pack_header(Kind.PULL, b"abc")
+
+
+def test_wrapping_segment_lengths_are_refused():
+    raw = wire.pack_table(np.zeros(2, np.uint64), np.zeros(2, np.uint64), np.array([2**63, 2**63], np.uint64))
+    with pytest.raises(FrameError, match=r"add up to"):
+        wire.unpack_table(raw, 2, 0)
 
 
 @pytest.mark.parametrize(

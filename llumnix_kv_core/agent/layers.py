@@ -56,6 +56,7 @@ class LayerTable:
                 "unit_offsets": list(e.tensor.unit_offsets),
                 "unit_bytes": e.tensor.unit_bytes,
                 "logical": list(e.tensor.logical),
+                "order": e.tensor.order,
             }
             for e in self.entries.values()
         ]
@@ -74,6 +75,7 @@ def remote_layers(described: list[dict[str, Any]], local: LayerTable) -> dict[st
             unit_bytes=int(d["unit_bytes"]),
             extent=0,
             logical=tuple(int(x) for x in d["logical"]),
+            order=str(d.get("order", "")),
         )
         out[t.name] = LayerEntry(t.name, int(d["region"]), int(d["group"]), t)
     missing = sorted(set(local.entries) - set(out))

@@ -22,8 +22,8 @@ from llumnix_kv_core.interfaces.policy import SavePlan
 from llumnix_kv_core.interfaces.policy import ScenarioPolicy
 from llumnix_kv_core.markers import hookimpl
 from llumnix_kv_core.providers import ScenarioPolicyProvider
+from llumnix_kv_core.wire import canonical_transfer_id
 from llumnix_kv_core.wire import new_transfer_id
-from llumnix_kv_core.wire import tid_bytes
 
 DEFAULT_LEASE_S = 120.0
 
@@ -64,14 +64,12 @@ class PDPolicy(ScenarioPolicy):
                 "prefill request's output kv_transfer_params unchanged, or build them with decode_params()"
             )
             raise LlumnixKVError(msg)
-        tid_bytes(tid)
-        return LoadPlan(tid, tuple(addrs), str(params.get("remote_engine_id", "")))
+        return LoadPlan(canonical_transfer_id(tid), tuple(addrs), str(params.get("remote_engine_id", "")))
 
     def save_plan(self, params: dict[str, Any] | None) -> SavePlan | None:
         if not params or not params.get("do_remote_decode"):
             return None
-        tid = params.get("transfer_id") or new_transfer_id()
-        tid_bytes(tid)
+        tid = canonical_transfer_id(params.get("transfer_id") or new_transfer_id())
         return SavePlan(tid, float(params.get("lease_s", self.lease_s)))
 
     def output_params(self, plan: SavePlan, addresses: list[str], engine_id: str) -> dict[str, Any]:

@@ -6,7 +6,9 @@ import importlib
 
 import numpy as np
 import pytest
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck
+from hypothesis import given
+from hypothesis import settings
 from hypothesis import strategies as st
 
 from llumnix_kv_core import native
@@ -61,9 +63,7 @@ def segment_tables(draw):
 
 
 @needs_native
-@settings(
-    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large]
-)
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
 @given(table=segment_tables(), num_threads=st.sampled_from([0, 1, 3]), seed=st.integers(0, 2**32 - 1))
 def test_parity_native_vs_fallback(table, num_threads, seed):
     lengths, src_gaps, dst_gaps, order = table
@@ -76,9 +76,7 @@ def test_parity_native_vs_fallback(table, num_threads, seed):
     lens = np.asarray(lengths, dtype=np.uint64)
 
     _NATIVE.copy_segments(so + np.uint64(_addr(src)), do + np.uint64(_addr(dst_native)), lens, num_threads)
-    _fallback.copy_segments(
-        so + np.uint64(_addr(src)), do + np.uint64(_addr(dst_fallback)), lens, num_threads
-    )
+    _fallback.copy_segments(so + np.uint64(_addr(src)), do + np.uint64(_addr(dst_fallback)), lens, num_threads)
 
     np.testing.assert_array_equal(dst_native, dst_fallback)
     np.testing.assert_array_equal(dst_native, _expected(src, dst_init, so, do, lengths))
@@ -225,3 +223,37 @@ def test_native_releases_gil_and_is_thread_safe():
     assert not errors
     for s, d in zip(srcs, dsts, strict=True):
         np.testing.assert_array_equal(s, d)
+
+
+@needs_native
+def test_thread_pool_survives_fork():
+    import os
+    import time
+    import warnings
+
+    size = 4 * 1024 * 1024
+    src = np.full(size, 7, dtype=np.uint8)
+    dst = np.zeros(size, dtype=np.uint8)
+    args = (np.array([_addr(src)], np.uint64), np.array([_addr(dst)], np.uint64), np.array([size], np.uint64), 4)
+    _NATIVE.copy_segments(*args)  # starts the pool in the parent
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # fork with running threads
+        pid = os.fork()
+    if pid == 0:  # child: the parent's workers do not exist here
+        try:
+            dst[:] = 0
+            _NATIVE.copy_segments(*args)
+            os._exit(0 if int(dst.min()) == 7 else 1)
+        finally:
+            os._exit(2)
+    deadline = time.monotonic() + 30
+    while True:
+        done, status = os.waitpid(pid, os.WNOHANG)
+        if done:
+            break
+        if time.monotonic() > deadline:
+            os.kill(pid, 9)
+            os.waitpid(pid, 0)
+            pytest.fail("copy_segments hung in a forked child")
+        time.sleep(0.01)
+    assert os.waitstatus_to_exitcode(status) == 0

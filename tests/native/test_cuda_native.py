@@ -73,7 +73,7 @@ def test_device_count_without_driver_raises_clean_error():
         pytest.skip("a CUDA driver is installed here")
     with pytest.raises(RuntimeError, match="cudaGetDeviceCount failed: cudaError"):
         _CUDA.device_count()
-    with pytest.raises(NativeUnavailableError, match="no usable CUDA device"):
+    with pytest.raises(NativeUnavailableError, match="cudaGetDeviceCount failed: cudaError"):
         native.cuda()
     assert native.cuda(require_device=False) is _CUDA
     assert not native.has("cuda")
@@ -90,6 +90,19 @@ def test_copy_segments_validates_arguments_before_touching_cuda():
         _CUDA.copy_segments(a, a, np.ones(2, dtype=np.uint64))
     # Nothing to copy: no CUDA call at all, so this works without a driver.
     _CUDA.copy_segments(a, a, a)
+    # Large tables are checked by several host threads; the first bad index is named.
+    n = 50_000
+    addrs = np.arange(1, n + 1, dtype=np.uint64) << np.uint64(20)
+    lens = np.ones(n, dtype=np.uint64)
+    bad = addrs.copy()
+    bad[[30_001, 45_000]] = 0
+    with pytest.raises(ValueError, match=r"dst_addrs\[30001\] is a null address"):
+        _CUDA.copy_segments(addrs, bad, lens)
+    wrap = addrs.copy()
+    wrap[49_999] = np.uint64(2**64 - 1)
+    with pytest.raises(ValueError, match=r"src_addrs\[49999\] \+ lengths\[49999\] wraps"):
+        _CUDA.copy_segments(wrap, addrs, lens)
+    _CUDA.copy_segments(bad, bad, np.zeros(n, dtype=np.uint64))
 
 
 # ---------------------------------------------------------------- GPU tests
@@ -129,9 +142,7 @@ def _expected(src, dst, so, do, lens):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize(
-    ("count", "max_len"), [(1, 0), (7, 100), (300, 64 * 1024), (20000, 600), (3, 9 << 20)]
-)
+@pytest.mark.parametrize(("count", "max_len"), [(1, 0), (7, 100), (300, 64 * 1024), (20000, 600), (3, 9 << 20)])
 def test_device_to_device_scattered(count, max_len):
     _skip_without_gpu()
     cu = _CUDA
@@ -172,9 +183,7 @@ def test_pinned_host_and_device_on_stream():
             np.full(64, blk, dtype=np.uint64),
             stream,
         )
-        cu.copy_segments(
-            np.array([d_buf], np.uint64), np.array([h_dst], np.uint64), np.array([n], np.uint64), stream
-        )
+        cu.copy_segments(np.array([d_buf], np.uint64), np.array([h_dst], np.uint64), np.array([n], np.uint64), stream)
         cu.event_record(event, stream)
         cu.event_synchronize(event)
         assert cu.event_query(event)
@@ -259,9 +268,7 @@ def test_ipc_handle_in_another_process(tmp_path):
             print(int(out.astype(np.uint64).sum()))
             """
         )
-        r = subprocess.run(
-            [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path
-        )
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path)
         assert r.returncode == 0, r.stderr
         assert int(r.stdout.strip()) == int(data.astype(np.uint64).sum())
     finally:

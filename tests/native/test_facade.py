@@ -159,9 +159,7 @@ def test_pure_python_import_of_fallback_module():
     assert {"cpu_copy", "socket_io"} == set(_fallback.capabilities())
 
 
-@pytest.mark.skipif(
-    native.implementation != "native", reason="needs the compiled core (implementation is fallback)"
-)
+@pytest.mark.skipif(native.implementation != "native", reason="needs the compiled core (implementation is fallback)")
 def test_native_module_metadata():
     import llumnix_kv_core
     from llumnix_kv_core import _native

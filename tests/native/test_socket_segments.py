@@ -138,14 +138,9 @@ def test_only_zero_length_segments(impl):
 def test_header_only_and_socket_objects(impl):
     a, b = _pair("blocking")
     try:
-        assert (
-            impl.send_segments(a, memoryview(b"hello"), np.zeros(0, np.uint64), np.zeros(0, np.uint64), 1.0)
-            == 5
-        )
+        assert impl.send_segments(a, memoryview(b"hello"), np.zeros(0, np.uint64), np.zeros(0, np.uint64), 1.0) == 5
         out = np.zeros(5, dtype=np.uint8)
-        assert (
-            impl.recv_segments(b, np.array([out.ctypes.data], np.uint64), np.array([5], np.uint64), 1.0) == 5
-        )
+        assert impl.recv_segments(b, np.array([out.ctypes.data], np.uint64), np.array([5], np.uint64), 1.0) == 5
         assert out.tobytes() == b"hello"
     finally:
         a.close()
@@ -179,9 +174,7 @@ def test_peer_closes_mid_receive(impl, mode):
         a.close()
         dst = np.zeros(4096, dtype=np.uint8)
         with pytest.raises(ConnectionError, match="after 1000 of 4096 bytes"):
-            impl.recv_segments(
-                b.fileno(), np.array([dst.ctypes.data], np.uint64), np.array([4096], np.uint64), 2.0
-            )
+            impl.recv_segments(b.fileno(), np.array([dst.ctypes.data], np.uint64), np.array([4096], np.uint64), 2.0)
         assert dst[:1000].tobytes() == payload
     finally:
         b.close()
@@ -216,12 +209,8 @@ def test_receiver_times_out_without_sender(impl, mode):
     try:
         dst = np.zeros(16, dtype=np.uint8)
         start = time.monotonic()
-        with pytest.raises(
-            TimeoutError, match=r"recv made no progress for 0\.2 s \(0 of 16 bytes received\)"
-        ):
-            impl.recv_segments(
-                b.fileno(), np.array([dst.ctypes.data], np.uint64), np.array([16], np.uint64), 0.2
-            )
+        with pytest.raises(TimeoutError, match=r"recv made no progress for 0\.2 s \(0 of 16 bytes received\)"):
+            impl.recv_segments(b.fileno(), np.array([dst.ctypes.data], np.uint64), np.array([16], np.uint64), 0.2)
         elapsed = time.monotonic() - start
         assert 0.19 <= elapsed < 0.5 + 0.2
     finally:
@@ -243,9 +232,7 @@ def test_sender_times_out_when_peer_does_not_read(impl, mode):
     try:
         src = np.ones(16 * 1024 * 1024, dtype=np.uint8)
         start = time.monotonic()
-        with pytest.raises(
-            TimeoutError, match=r"send made no progress for 0\.2 s \(\d+ of 16777216 bytes sent\)"
-        ):
+        with pytest.raises(TimeoutError, match=r"send made no progress for 0\.2 s \(\d+ of 16777216 bytes sent\)"):
             impl.send_segments(
                 a.fileno(), b"", np.array([src.ctypes.data], np.uint64), np.array([src.size], np.uint64), 0.2
             )

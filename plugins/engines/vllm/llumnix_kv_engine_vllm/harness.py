@@ -100,9 +100,12 @@ def _engine_main(conn: Any, model: str, kv: dict[str, Any] | None, llm_kwargs: d
                 t0 = time.perf_counter()
                 outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], sps, use_tqdm=False)
                 wall = time.perf_counter() - t0
-                result = [Completion(list(o.outputs[0].token_ids), o.outputs[0].finish_reason, o.kv_transfer_params, o.num_cached_tokens or 0,
-                                     (o.metrics.first_token_latency if o.metrics is not None else wall))
-                          for o in outs]
+                result = [
+                    Completion(list(o.outputs[0].token_ids), o.outputs[0].finish_reason, o.kv_transfer_params,
+                               o.num_cached_tokens or 0,
+                               o.metrics.first_token_latency if o.metrics is not None else wall)
+                    for o in outs
+                ]
                 conn.send(("ok", result))
             elif cmd == "drain":
                 deadline = time.monotonic() + float(arg)

@@ -74,9 +74,10 @@ def test_p_output_params_follow_vllm_protocol(cluster) -> None:
 
 
 def test_unreachable_prefill_fails_the_request_cleanly(cluster) -> None:
+    from llumnix_kv_engine_vllm.demo import free_port
+
     from llumnix_kv_core.scenarios.pd import decode_params
     from llumnix_kv_core.wire import new_transfer_id
-    from llumnix_kv_engine_vllm.demo import free_port
 
     dead = f"127.0.0.1:{free_port()}"
     bad, good = cluster.decode.generate(
@@ -92,9 +93,10 @@ def test_unreachable_prefill_fails_the_request_cleanly(cluster) -> None:
 
 
 def test_mismatched_decode_instance_is_refused_with_both_values(cluster, model) -> None:
-    from llumnix_kv_core.scenarios.pd import prefill_params
     from llumnix_kv_engine_vllm.harness import EngineProcess
     from llumnix_kv_engine_vllm.harness import kv_config
+
+    from llumnix_kv_core.scenarios.pd import prefill_params
 
     kv = kv_config("kv_consumer")
     kv["kv_load_failure_policy"] = "recompute"

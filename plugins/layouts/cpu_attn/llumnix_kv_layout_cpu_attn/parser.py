@@ -22,7 +22,7 @@ def _per_head_units(t: TensorLayout, head_stride: int) -> TensorLayout:
     unit = tokens * content
     offsets = tuple(h * head_stride for h in range(heads))
     extent = (t.num_blocks - 1) * t.block_stride + offsets[-1] + unit if t.num_blocks else 0
-    return TensorLayout(t.name, t.addr, t.num_blocks, t.block_stride, offsets, unit, extent, t.logical)
+    return TensorLayout(t.name, t.addr, t.num_blocks, t.block_stride, offsets, unit, extent, t.logical, t.order)
 
 
 class CpuAttnParser(LayoutParser):

@@ -358,9 +358,11 @@ class TcpChannel(Channel):
         self._shutdown()
         with self._send_lock:  # pending sends fail fast on the shut-down socket
             self._sock.close()
-        if self._on_exit is not None:
-            self._on_exit(self)
         try:
             self._handler.on_closed(self, error)
         except Exception:
             log.exception("tcp channel %s: on_closed handler raised", self.peer_name)
+        finally:
+            # Last: once the transport forgets this channel, close() may return.
+            if self._on_exit is not None:
+                self._on_exit(self)
