@@ -10,7 +10,6 @@
 
 #include "common.h"
 #include "llumnix_kv/cuda_ops.h"
-#include "llumnix_kv/segments.h"
 
 #ifndef LLUMNIX_KV_VERSION
 #define LLUMNIX_KV_VERSION "0+unknown"
@@ -31,12 +30,8 @@ void copy_segments(const py::object& src_addrs, const py::object& dst_addrs, con
   U64Array len = as_u64_array(lengths, "lengths");
   check_same_size("src_addrs", src, "lengths", len);
   check_same_size("dst_addrs", dst, "lengths", len);
-  try {
-    llumnix_kv::checked_total("src_addrs", src.data, len.data, len.size);
-    llumnix_kv::checked_total("dst_addrs", dst.data, len.data, len.size);
-  } catch (const std::invalid_argument& e) {
-    throw py::value_error(e.what());
-  }
+  // Null or wrapping segments raise std::invalid_argument (ValueError) before
+  // any CUDA call.
   py::gil_scoped_release release;
   kc::copy_segments(src.data, dst.data, len.data, len.size, stream);
 }

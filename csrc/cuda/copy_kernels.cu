@@ -6,15 +6,18 @@
 #include <algorithm>
 #include <cstdint>
 #include <cstring>
+#include <functional>
 #include <map>
-#include <stdexcept>
 #include <memory>
 #include <mutex>
+#include <stdexcept>
 #include <utility>
 #include <vector>
 
 #include "check.cuh"
 #include "llumnix_kv/cuda_ops.h"
+#include "llumnix_kv/segments.h"
+#include "llumnix_kv/thread_pool.h"
 
 namespace llumnix_kv {
 namespace cuda {
@@ -22,7 +25,7 @@ namespace cuda {
 namespace {
 
 // One non-empty segment; chunks [first_chunk, first_chunk + ceil(len /
-// chunk_bytes)) of the launch belong to it.
+// 2^chunk_shift)) of the launch belong to it.
 struct alignas(16) SegmentDesc {
   std::uint64_t src;
   std::uint64_t dst;
@@ -37,9 +40,22 @@ struct alignas(16) SegmentDesc {
 constexpr int kThreads = LLUMNIX_KV_COPY_THREADS;
 constexpr int kCtasPerSm = 2048 / kThreads;
 constexpr int kUnroll = 4;
-constexpr std::uint64_t kMinChunkBytes = 16 * 1024;   // multiple of 4 KiB keeps alignment
-constexpr std::uint64_t kMaxChunkBytes = 4ull << 20;  // bounds one CTA's share of a segment
+constexpr std::uint64_t kMaxChunkBytes = 4ull << 20;  // bounds one CTA's work item
 constexpr int kStagingSlots = 4;
+// From this many segments on, the host builds the descriptor table with
+// several threads, each taking at least half as many (below that, waking
+// threads costs more than it saves).
+constexpr std::size_t kParallelTableSegments = 32768;
+
+// Per-block results of the host passes over the segment table.
+struct TableBlock {
+  std::uint64_t total = 0;
+  std::uint64_t nonempty = 0;
+  std::uint64_t chunks = 0;
+  std::uint64_t first_desc = 0;
+  std::uint64_t first_chunk = 0;
+  bool bad = false;
+};
 
 // Copies n bytes with W-byte vector accesses; s and d are congruent mod W.
 template <typename V>
@@ -89,7 +105,7 @@ __device__ __forceinline__ void copy_range(const unsigned char* s, unsigned char
 // that its latency overlaps the copy.
 __global__ void __launch_bounds__(kThreads)
     copy_segments_kernel(const SegmentDesc* __restrict__ descs, const std::uint32_t* __restrict__ chunk_seg,
-                         std::uint64_t total_chunks, std::uint64_t chunk_bytes) {
+                         std::uint64_t total_chunks, unsigned chunk_shift) {
   std::uint64_t w = blockIdx.x;
   if (w >= total_chunks) return;
   SegmentDesc cur = descs[chunk_seg[w]];
@@ -98,8 +114,8 @@ __global__ void __launch_bounds__(kThreads)
     const bool more = next_w < total_chunks;
     SegmentDesc next;
     if (more) next = descs[chunk_seg[next_w]];
-    const std::uint64_t off = (w - cur.first_chunk) * chunk_bytes;
-    const std::uint64_t len = min(chunk_bytes, cur.len - off);
+    const std::uint64_t off = (w - cur.first_chunk) << chunk_shift;
+    const std::uint64_t len = min(std::uint64_t{1} << chunk_shift, cur.len - off);
     copy_range(reinterpret_cast<const unsigned char*>(cur.src) + off, reinterpret_cast<unsigned char*>(cur.dst) + off,
                len);
     if (!more) break;
@@ -186,29 +202,81 @@ void release_stream_cache(std::uintptr_t stream) {
 
 void copy_segments(const std::uint64_t* src, const std::uint64_t* dst, const std::uint64_t* lengths, std::size_t n,
                    std::uintptr_t stream_handle) {
-  std::uint64_t total = 0, nonempty = 0;
-  for (std::size_t i = 0; i < n; ++i) {
-    if (lengths[i] != 0) {
-      total += lengths[i];
-      ++nonempty;
+  if (n == 0) return;
+  // Large tables are validated and written by several host threads, each
+  // over one contiguous block of segments.
+  const std::size_t blocks =
+      n < kParallelTableSegments ? 1
+                                 : std::max<std::size_t>(1, std::min<std::size_t>(ThreadPool::default_threads(),
+                                                                                  n / (kParallelTableSegments / 2)));
+  std::vector<TableBlock> info(blocks);
+  auto block_range = [&](std::size_t b) { return std::make_pair(n * b / blocks, n * (b + 1) / blocks); };
+  auto for_blocks = [&](const std::function<void(std::size_t)>& fn) {
+    if (blocks == 1) {
+      fn(0);
+    } else {
+      ThreadPool::global().run(blocks, static_cast<unsigned>(blocks), fn);
     }
+  };
+
+  // Pass 1: validate and count. On a bad segment, checked_total names it.
+  constexpr std::uint64_t kMax = ~std::uint64_t{0};
+  for_blocks([&](std::size_t b) {
+    const auto r = block_range(b);
+    TableBlock& t = info[b];
+    for (std::size_t i = r.first; i < r.second; ++i) {
+      const std::uint64_t len = lengths[i];
+      if (len == 0) continue;
+      const std::uint64_t s = src[i], d = dst[i];
+      if (s == 0 || d == 0 || len > kMax - s || len > kMax - d || len > kMax - t.total) t.bad = true;
+      t.total += len;
+      ++t.nonempty;
+    }
+  });
+  std::uint64_t total = 0, nonempty = 0;
+  bool bad = false;
+  for (const TableBlock& t : info) {
+    bad = bad || t.bad || t.total > kMax - total;
+    total += t.total;
+    nonempty += t.nonempty;
+  }
+  if (bad) {
+    checked_total("src_addrs", src, lengths, n);
+    checked_total("dst_addrs", dst, lengths, n);
   }
   if (nonempty == 0) return;
+  if (nonempty > 0xffffffffull) {
+    throw std::invalid_argument("copy_segments supports at most 2^32 - 1 non-empty segments per call");
+  }
 
   int device = 0;
   LLUMNIX_CUDA_CHECK(cudaGetDevice(&device));
   const std::uint64_t max_ctas = static_cast<std::uint64_t>(sm_count(device)) * kCtasPerSm;
 
-  // About four chunks per CTA for balance, 16 KiB .. 4 MiB, multiple of 4 KiB.
-  std::uint64_t chunk = (total + max_ctas * 4 - 1) / (max_ctas * 4);
-  chunk = (chunk + 4095) & ~std::uint64_t{4095};
-  chunk = std::min(std::max(chunk, kMinChunkBytes), kMaxChunkBytes);
-
-  if (nonempty > 0xffffffffull) {
-    throw std::invalid_argument("copy_segments supports at most 2^32 - 1 non-empty segments per call");
+  // Two to four chunks per CTA for balance: a power of two in 16 KiB .. 4 MiB
+  // (so chunk offsets keep 16-byte alignment and need no division).
+  const std::uint64_t target = (total + max_ctas * 4 - 1) / (max_ctas * 4);
+  unsigned chunk_shift = 14;
+  while ((std::uint64_t{1} << chunk_shift) < target && (std::uint64_t{1} << chunk_shift) < kMaxChunkBytes) {
+    ++chunk_shift;
   }
-  std::uint64_t total_chunks = 0;
-  for (std::size_t i = 0; i < n; ++i) total_chunks += (lengths[i] + chunk - 1) / chunk;
+  const std::uint64_t chunk_mask = (std::uint64_t{1} << chunk_shift) - 1;
+  auto chunks_of = [&](std::uint64_t len) { return (len >> chunk_shift) + ((len & chunk_mask) != 0); };
+
+  // Pass 2: chunks per block, then each block's first descriptor and chunk.
+  for_blocks([&](std::size_t b) {
+    const auto r = block_range(b);
+    std::uint64_t c = 0;
+    for (std::size_t i = r.first; i < r.second; ++i) c += chunks_of(lengths[i]);
+    info[b].chunks = c;
+  });
+  std::uint64_t total_chunks = 0, first_desc = 0;
+  for (TableBlock& t : info) {
+    t.first_desc = first_desc;
+    t.first_chunk = total_chunks;
+    first_desc += t.nonempty;
+    total_chunks += t.chunks;
+  }
 
   // Staging layout: descriptor table, then the chunk -> segment map.
   const std::size_t table_bytes = static_cast<std::size_t>(nonempty) * sizeof(SegmentDesc);
@@ -252,20 +320,25 @@ void copy_segments(const std::uint64_t* src, const std::uint64_t* dst, const std
     cache->device_capacity = cap;
   }
 
+  // Pass 3: write descriptors and the chunk map.
   auto* table = static_cast<SegmentDesc*>(slot.host);
   auto* chunk_seg = reinterpret_cast<std::uint32_t*>(static_cast<char*>(slot.host) + table_bytes);
-  std::uint64_t chunks = 0, k = 0;
-  for (std::size_t i = 0; i < n; ++i) {
-    const std::uint64_t len = lengths[i];
-    if (len == 0) continue;
-    table[k].src = src[i];
-    table[k].dst = dst[i];
-    table[k].len = len;
-    table[k].first_chunk = chunks;
-    const std::uint64_t end = chunks + (len + chunk - 1) / chunk;
-    for (; chunks < end; ++chunks) chunk_seg[chunks] = static_cast<std::uint32_t>(k);
-    ++k;
-  }
+  for_blocks([&](std::size_t b) {
+    const auto r = block_range(b);
+    std::uint64_t k = info[b].first_desc, c = info[b].first_chunk;
+    for (std::size_t i = r.first; i < r.second; ++i) {
+      const std::uint64_t len = lengths[i];
+      if (len == 0) continue;
+      SegmentDesc& desc = table[k];
+      desc.src = src[i];
+      desc.dst = dst[i];
+      desc.len = len;
+      desc.first_chunk = c;
+      const std::uint64_t end = c + chunks_of(len);
+      for (; c < end; ++c) chunk_seg[c] = static_cast<std::uint32_t>(k);
+      ++k;
+    }
+  });
 
   LLUMNIX_CUDA_CHECK(cudaMemcpyAsync(cache->device_buf, slot.host, upload_bytes, cudaMemcpyHostToDevice, stream));
   LLUMNIX_CUDA_CHECK(cudaEventRecord(slot.uploaded, stream));
@@ -275,7 +348,7 @@ void copy_segments(const std::uint64_t* src, const std::uint64_t* dst, const std
   const auto* dev_chunk_seg =
       reinterpret_cast<const std::uint32_t*>(static_cast<const char*>(cache->device_buf) + table_bytes);
   const unsigned grid = static_cast<unsigned>(std::min<std::uint64_t>(total_chunks, max_ctas));
-  copy_segments_kernel<<<grid, kThreads, 0, stream>>>(dev_table, dev_chunk_seg, total_chunks, chunk);
+  copy_segments_kernel<<<grid, kThreads, 0, stream>>>(dev_table, dev_chunk_seg, total_chunks, chunk_shift);
   LLUMNIX_CUDA_CHECK(cudaGetLastError());
 }
 

@@ -171,7 +171,7 @@ def _probe_device(module: ModuleType) -> tuple[bool, str | None]:
             try:
                 count = module.device_count()
             except RuntimeError as e:
-                _cuda_device_state = (False, f"no usable CUDA device: {e}")
+                _cuda_device_state = (False, str(e))  # names the CUDA error and the fix
             else:
                 if count > 0:
                     _cuda_device_state = (True, None)

@@ -59,8 +59,7 @@ def _u64_array(obj: Any, name: str) -> np.ndarray:
         )
     if obj.dtype != _U64:
         raise ValueError(
-            f"{name} must have dtype uint64, got {obj.dtype}; "
-            "convert with numpy.asarray(x, dtype=numpy.uint64)"
+            f"{name} must have dtype uint64, got {obj.dtype}; convert with numpy.asarray(x, dtype=numpy.uint64)"
         )
     if obj.ndim != 1:
         raise ValueError(f"{name} must be 1-D, got {obj.ndim} dimensions")
@@ -69,9 +68,7 @@ def _u64_array(obj: Any, name: str) -> np.ndarray:
 
 def _check_same_size(a_name: str, a: np.ndarray, b_name: str, b: np.ndarray) -> None:
     if a.shape[0] != b.shape[0]:
-        raise ValueError(
-            f"{a_name} and {b_name} must have the same length (got {a.shape[0]} and {b.shape[0]})"
-        )
+        raise ValueError(f"{a_name} and {b_name} must have the same length (got {a.shape[0]} and {b.shape[0]})")
 
 
 def _checked_total(what: str, addrs: np.ndarray, lengths: np.ndarray) -> int:
@@ -122,13 +119,11 @@ def _header_view(header: Any) -> memoryview:
         view = memoryview(header)
     except TypeError:
         raise TypeError(
-            "header must be a contiguous bytes-like object (bytes, bytearray, memoryview), got "
-            f"{type(header).__name__}"
+            f"header must be a contiguous bytes-like object (bytes, bytearray, memoryview), got {type(header).__name__}"
         ) from None
     if not view.contiguous:
         raise TypeError(
-            "header must be a contiguous bytes-like object (bytes, bytearray, memoryview), got "
-            f"{type(header).__name__}"
+            f"header must be a contiguous bytes-like object (bytes, bytearray, memoryview), got {type(header).__name__}"
         )
     return view.cast("B") if view.format != "B" or view.ndim != 1 else view
 
@@ -167,9 +162,7 @@ def _wait_ready(fd: int, events: int, timeout: float | None, op: str, done: int,
                 tail = "sent); the peer is not reading: check the receiver or raise timeout_s"
             else:
                 tail = "received); the peer is not sending: check the sender or raise timeout_s"
-            raise TimeoutError(
-                f"{op} made no progress for {_fmt_seconds(timeout)} s ({done} of {total} bytes {tail}"
-            )
+            raise TimeoutError(f"{op} made no progress for {_fmt_seconds(timeout)} s ({done} of {total} bytes {tail}")
 
 
 def _advance(views: list[memoryview], index: int, n: int) -> int:

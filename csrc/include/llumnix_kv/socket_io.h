@@ -18,8 +18,9 @@ struct IoOptions {
 // Writes `header` and then every segment in order to the stream socket `fd`.
 // Uses sendmsg with MSG_NOSIGNAL | MSG_DONTWAIT and up to IOV_MAX iovecs per
 // call; waits with poll() when the socket buffer is full. Returns the number
-// of bytes written (header + segments). Throws TimeoutError, PeerClosedError
-// wrapped as SystemError(EPIPE/ECONNRESET), or SystemError.
+// of bytes written (header + segments). Throws TimeoutError, or SystemError
+// (EPIPE/ECONNRESET when the peer closed, with a message saying so).
+// A non-socket fd (e.g. a pipe) falls back to writev after a poll().
 std::uint64_t send_segments(int fd, const void* header, std::size_t header_len, const std::uint64_t* addrs,
                             const std::uint64_t* lengths, std::size_t n, const IoOptions& options);
 
