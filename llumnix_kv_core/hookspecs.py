@@ -49,7 +49,8 @@ def llumnix_kv_register_layouts() -> Iterable[LayoutProvider]:
         engine's own description of one cache group (a
         :class:`~llumnix_kv_core.layout.CacheGroupDescription`) and returns a
         :class:`~llumnix_kv_core.layout.KVLayout` or None to decline. The first
-        parser (in registration order, third-party plugins first) that accepts wins.
+        parser, in load order (entry-point order), that accepts wins. A parser must decline what it
+        does not recognise, so order matters only between parsers claiming the same family.
 
     Called in: engine worker processes, once at KV-cache registration.
     """
