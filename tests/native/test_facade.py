@@ -15,8 +15,9 @@ from llumnix_kv_core.errors import NativeUnavailableError
 
 
 def _run(code: str, **env: str) -> subprocess.CompletedProcess:
-    # Run outside the source tree so that the installed package is imported.
-    full_env = {**os.environ, **env}
+    # Run outside the source tree so that the installed package is imported, with the native
+    # module enabled unless the test says otherwise (the suite may run under LLUMNIX_KV_NATIVE=0).
+    full_env = {k: v for k, v in os.environ.items() if k != "LLUMNIX_KV_NATIVE"} | env
     with tempfile.TemporaryDirectory() as cwd:
         return subprocess.run(
             [sys.executable, "-c", textwrap.dedent(code)],
