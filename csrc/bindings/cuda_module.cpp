@@ -36,6 +36,17 @@ void copy_segments(const py::object& src_addrs, const py::object& dst_addrs, con
   kc::copy_segments(src.data, dst.data, len.data, len.size, stream);
 }
 
+void copy_segments_ce(const py::object& src_addrs, const py::object& dst_addrs, const py::object& lengths,
+                      std::uintptr_t stream) {
+  U64Array src = as_u64_array(src_addrs, "src_addrs");
+  U64Array dst = as_u64_array(dst_addrs, "dst_addrs");
+  U64Array len = as_u64_array(lengths, "lengths");
+  check_same_size("src_addrs", src, "lengths", len);
+  check_same_size("dst_addrs", dst, "lengths", len);
+  py::gil_scoped_release release;
+  kc::copy_segments_ce(src.data, dst.data, len.data, len.size, stream);
+}
+
 using nogil = py::call_guard<py::gil_scoped_release>;
 
 }  // namespace
@@ -62,6 +73,23 @@ PYBIND11_MODULE(_native_cuda, m) {
         "`stream` (0 = legacy default stream) of the current device. Addresses may be device, peer-mapped\n"
         "or pinned host memory. Arguments are 1-D numpy.uint64 arrays of equal length. Asynchronous:\n"
         "call synchronize(stream) or record an event before reading the destination.");
+  m.def("copy_segments_ce", &copy_segments_ce, py::arg("src_addrs"), py::arg("dst_addrs"), py::arg("lengths"),
+        py::arg("stream"),
+        "Same contract as copy_segments, through the copy engines' batched API (cudaMemcpyBatchAsync) in one\n"
+        "call on `stream` (a created stream; the legacy default stream is refused).");
+  m.def("memcpy_async", &kc::memcpy_async, nogil(), py::arg("dst"), py::arg("src"), py::arg("nbytes"),
+        py::arg("stream") = 0, "cudaMemcpyAsync(cudaMemcpyDefault): any two UVA addresses, peer-mapped included.");
+  m.def("mem_get_address_range", &kc::mem_get_address_range, nogil(), py::arg("ptr"),
+        "(base, size) of the device allocation that holds `ptr`; CUDA IPC exports whole allocations.");
+  m.def("device_can_access_peer", &kc::device_can_access_peer, nogil(), py::arg("device"), py::arg("peer"));
+  m.def("pointer_info", &kc::pointer_info, nogil(), py::arg("ptr"),
+        "(kind, device) of a pointer; kind is 'device', 'host' (pinned/registered), 'managed' or 'unregistered'.");
+  m.def("event_create_timed", &kc::event_create_timed, nogil(), "A new event with timing enabled.");
+  m.def("event_elapsed_ms", &kc::event_elapsed_ms, nogil(), py::arg("start"), py::arg("end"));
+  m.def("spin", &kc::spin, nogil(), py::arg("nanoseconds"), py::arg("ctas") = 1, py::arg("stream") = 0,
+        "Keep `ctas` CTAs busy for `nanoseconds` on `stream` (a synthetic layer of compute).");
+  m.def("sm_count", &kc::sm_count_of, nogil(), py::arg("device"));
+  m.def("device_name", &kc::device_name, nogil(), py::arg("device"));
   m.def("synchronize", &kc::synchronize, nogil(), py::arg("stream") = 0);
 
   m.def("malloc", &kc::malloc_device, nogil(), py::arg("nbytes"));
@@ -109,5 +137,5 @@ PYBIND11_MODULE(_native_cuda, m) {
       py::arg("handle"));
   m.def("ipc_close_mem_handle", &kc::ipc_close_mem_handle, nogil(), py::arg("ptr"));
   m.def(
-      "capabilities", [] { return py::make_tuple("cuda_copy", "cuda_ipc"); }, "Features this build provides.");
+      "capabilities", [] { return py::make_tuple("cuda_copy", "cuda_ipc", "cuda_copy_ce"); }, "Features this build provides.");
 }

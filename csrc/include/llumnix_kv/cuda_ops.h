@@ -8,6 +8,7 @@
 #include <cstdint>
 #include <stdexcept>
 #include <string>
+#include <utility>
 
 namespace llumnix_kv {
 namespace cuda {
@@ -58,6 +59,23 @@ bool event_query(std::uintptr_t event);
 std::string ipc_get_mem_handle(std::uintptr_t ptr);
 std::uintptr_t ipc_open_mem_handle(const std::string& handle);
 void ipc_close_mem_handle(std::uintptr_t ptr);
+
+// The same copy through the copy engines' batched API (cudaMemcpyBatchAsync),
+// one call; `stream` must be a created stream.
+void copy_segments_ce(const std::uint64_t* src, const std::uint64_t* dst, const std::uint64_t* lengths,
+                      std::size_t n, std::uintptr_t stream);
+void memcpy_async(std::uintptr_t dst, std::uintptr_t src, std::size_t nbytes, std::uintptr_t stream);
+// (base, size) of the device allocation holding `ptr` (what CUDA IPC exports).
+std::pair<std::uintptr_t, std::size_t> mem_get_address_range(std::uintptr_t ptr);
+bool device_can_access_peer(int device, int peer);
+// ("device" | "host" | "managed" | "unregistered", device ordinal) of a pointer.
+std::pair<std::string, int> pointer_info(std::uintptr_t ptr);
+std::uintptr_t event_create_timed();
+float event_elapsed_ms(std::uintptr_t start, std::uintptr_t end);
+// Keeps `ctas` CTAs busy for `nanoseconds` (a stand-in for a layer's compute).
+void spin(std::uint64_t nanoseconds, unsigned ctas, std::uintptr_t stream);
+int sm_count_of(int device);
+std::string device_name(int device);
 
 // Drops the cached descriptor buffers of `stream` (called by stream_destroy).
 void release_stream_cache(std::uintptr_t stream);

@@ -1,0 +1,169 @@
+"""CUDA IPC: exporting registered GPU regions, opening a peer's once, and checking local sources."""
+
+from __future__ import annotations
+
+import os
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from llumnix_kv_core import native
+from llumnix_kv_core.errors import NativeUnavailableError
+from llumnix_kv_core.errors import TransferError
+from llumnix_kv_core.memory import MemoryRegion
+from llumnix_kv_core.memory import MemoryRegistry
+
+
+def device_index(device: str) -> int | None:
+    """The ordinal of ``"cuda:N"`` (``"cuda"``: 0); None for host memory."""
+    if not device.startswith("cuda"):
+        return None
+    _, _, idx = device.partition(":")
+    return int(idx) if idx else 0
+
+
+def _cuda() -> Any:
+    try:
+        return native.cuda()
+    except NativeUnavailableError as exc:
+        msg = f"GPU memory is registered but the CUDA core is unusable: {exc}"
+        raise TransferError(msg) from exc
+
+
+def export_regions(memory: MemoryRegistry) -> list[dict[str, Any]]:
+    """The region table sent at handshake: sizes and kinds, plus an IPC handle per GPU region."""
+    out: list[dict[str, Any]] = []
+    handles: dict[int, str] = {}
+    for r in memory.regions():
+        entry: dict[str, Any] = {"region": r.region_id, "device": r.device, "nbytes": r.nbytes}
+        dev = device_index(r.device)
+        if dev is not None:
+            cuda = _cuda()
+            cuda.set_device(dev)
+            base, _size = cuda.mem_get_address_range(r.addr)
+            if base not in handles:
+                try:
+                    handles[base] = cuda.ipc_get_mem_handle(base).hex()
+                except RuntimeError as exc:
+                    msg = (
+                        f"cannot export GPU region {r.region_id} ({r.device}) through CUDA IPC: {exc}. Memory from "
+                        "cudaMalloc (PyTorch's default allocator) exports; virtual-memory allocations do not: run "
+                        "with PYTORCH_CUDA_ALLOC_CONF=expandable_segments:False"
+                    )
+                    raise TransferError(msg) from exc
+            entry.update(handle=handles[base], offset=r.addr - base, addr=r.addr)
+        out.append(entry)
+    return out
+
+
+@dataclass
+class PeerTable:
+    """A peer's regions as arrays indexed by region id (kind 0: unknown, 1: host, 2: GPU)."""
+
+    kind: np.ndarray
+    nbytes: np.ndarray
+    entries: dict[int, dict[str, Any]]
+    pid: int
+
+    @classmethod
+    def parse(cls, regions: list[dict[str, Any]], pid: int) -> PeerTable:
+        n = max((int(e["region"]) for e in regions), default=-1) + 1
+        kind = np.zeros(n, dtype=np.uint8)
+        nbytes = np.zeros(n, dtype=np.uint64)
+        entries = {}
+        for e in regions:
+            rid = int(e["region"])
+            kind[rid] = 2 if device_index(str(e["device"])) is not None else 1
+            nbytes[rid] = int(e["nbytes"])
+            entries[rid] = e
+        return cls(kind, nbytes, entries, pid)
+
+    def kinds_of(self, regions: np.ndarray) -> np.ndarray:
+        out = np.zeros(len(regions), dtype=np.uint8)
+        known = regions < len(self.kind)
+        out[known] = self.kind[regions[known]]
+        return out
+
+
+class IpcMappings:
+    """Peer allocations opened in this process, one mapping per handle, closed with the transport."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._open: dict[tuple[str, int], int] = {}
+
+    def base_of(self, handle: str, device: int) -> int:
+        key = (handle, device)
+        with self._lock:
+            base = self._open.get(key)
+            if base is None:
+                cuda = _cuda()
+                cuda.set_device(device)
+                try:
+                    base = cuda.ipc_open_mem_handle(bytes.fromhex(handle))
+                except RuntimeError as exc:
+                    msg = (
+                        f"cannot map the peer's GPU memory on cuda:{device} through CUDA IPC: {exc}. Both processes "
+                        "must see the peer's GPU (CUDA_VISIBLE_DEVICES) and the GPUs must allow peer access "
+                        "(NVLink or PCIe P2P)"
+                    )
+                    raise TransferError(msg) from exc
+                self._open[key] = base
+            return base
+
+    def close(self) -> None:
+        with self._lock:
+            opened, self._open = self._open, {}
+        if opened:
+            cuda = _cuda()
+            for (_handle, device), base in opened.items():
+                cuda.set_device(device)
+                cuda.ipc_close_mem_handle(base)
+
+
+def peer_addresses(table: PeerTable, mappings: IpcMappings, device: int) -> np.ndarray:
+    """Base address, in this process, of every GPU region of the peer (0 for others)."""
+    bases = np.zeros(len(table.kind), dtype=np.uint64)
+    for rid, e in table.entries.items():
+        if table.kind[rid] != 2:
+            continue
+        if table.pid == os.getpid():  # same process: CUDA refuses to open our own handle, use the pointer
+            bases[rid] = int(e["addr"])
+        else:
+            bases[rid] = mappings.base_of(str(e["handle"]), device) + int(e["offset"])
+    return bases
+
+
+def local_gpu_sources(memory: MemoryRegistry, src: np.ndarray, lengths: np.ndarray) -> int:
+    """The device that holds every source segment; TransferError if any lies outside registered GPU memory.
+
+    A kernel reading pageable host memory or unregistered addresses would fault and poison the
+    CUDA context, so sources are checked against this side's registered GPU regions first.
+    """
+    gpu: list[MemoryRegion] = [r for r in memory.regions() if device_index(r.device) is not None]
+    if not gpu:
+        msg = (
+            "the destination is GPU memory of the peer, but this side registered no GPU memory: register the "
+            "source cache with its device (e.g. MemoryRegion(..., device='cuda:0'))"
+        )
+        raise TransferError(msg)
+    gpu.sort(key=lambda r: r.addr)
+    starts = np.array([r.addr for r in gpu], dtype=np.uint64)
+    ends = starts + np.array([r.nbytes for r in gpu], dtype=np.uint64)
+    idx = np.searchsorted(starts, src, side="right").astype(np.int64) - 1
+    ok = idx >= 0
+    ok[ok] = (src[ok] + lengths[ok]) <= ends[idx[ok]]
+    if not ok.all():
+        i = int(np.argmin(ok))
+        msg = (
+            f"source segment {i} (address 0x{int(src[i]):x}, {int(lengths[i])} bytes) is not inside registered GPU "
+            "memory of this side; GPU-to-GPU frames must read registered device memory"
+        )
+        raise TransferError(msg)
+    devices = {device_index(gpu[i].device) for i in np.unique(idx)}
+    if len(devices) != 1:
+        msg = f"one frame reads from several GPUs ({sorted(devices)}); send one frame per source GPU"
+        raise TransferError(msg)
+    return int(devices.pop())
