@@ -25,6 +25,10 @@ PLUGINS = {
     # plugin directory -> extras it needs besides "test"
     "plugins/layouts/flash_attn": [],
     "plugins/layouts/cpu_attn": [],
+    "plugins/layouts/flashinfer": [],
+    "plugins/layouts/gdn": [],
+    "plugins/layouts/dsa": [],
+    "plugins/layouts/mla": [],
     "plugins/transports/tcp": [],
     "plugins/transports/shm": [],
 }

@@ -1,14 +1,16 @@
-"""KV layouts as data, and the plan compiler that turns block ids into segments.
+"""KV layouts as data.
 
 An engine describes each cache group with a :class:`CacheGroupDescription`
 (per-layer tensors with their byte strides). A layout parser turns it into a
-:class:`KVLayout`: for every tensor, where block ``b`` starts and which
-contiguous *units* inside a block carry data, in logical order. Every offset is
-derived from shapes and strides; nothing is hard-coded per backend.
+:class:`KVLayout`: for every tensor, where block ``b`` starts, and the
+*regions* inside a block: strided arrays whose dims carry a meaning (heads,
+tokens, state rows, content) and, for tensor parallelism, which dim is split
+across ranks and how (:class:`Shard`). Every offset is derived from shapes and
+strides; nothing is hard-coded per backend.
 
-The plan compiler pairs source and destination blocks and emits coalesced
-segments: with equal layouts one run of consecutive blocks of one tensor is one
-segment.
+``plan_blocks`` moves whole blocks between two equal geometries; the general
+plan compiler (different layouts, different TP sizes) is in
+:mod:`llumnix_kv_core.plan`.
 """
 
 from __future__ import annotations
@@ -59,6 +61,82 @@ class CacheGroupDescription:
 
 
 @dataclass(frozen=True)
+class Dim:
+    """One dim of a region: ``size`` elements, ``stride`` bytes apart."""
+
+    name: str
+    size: int
+    stride: int
+
+
+@dataclass(frozen=True)
+class Shard:
+    """How a region is split over tensor-parallel ranks.
+
+    The region's dim ``dim`` is the concatenation of channel groups whose *global*
+    sizes are ``groups`` (one group for attention heads; Q|K|V for a GDN conv state;
+    K slots then V slots for NVFP4 head slots). Rank ``r`` of ``tp`` holds, of every
+    group of global size ``g``, the slice ``[r*g/tp, (r+1)*g/tp)`` when ``tp`` divides
+    ``g``, or the single index ``r // (tp/g)`` (replicated over ``tp/g`` ranks) when
+    ``g`` divides ``tp``; its local dim is those slices concatenated.
+    """
+
+    dim: str
+    groups: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Region:
+    """A strided array inside every block of a tensor.
+
+    Element ``(i_0, ..., i_k)`` lies at ``block start + offset + sum(i_j * dims[j].stride)``
+    and is ``itemsize`` contiguous bytes. Dims are listed in logical order; two sides
+    with the same region (same name, dim names and sizes) hold the same data, whatever
+    the memory order of their dims. ``shard`` None: every TP rank holds it all.
+    """
+
+    name: str
+    offset: int
+    itemsize: int
+    dims: tuple[Dim, ...]
+    shard: Shard | None = None
+
+    @property
+    def nbytes(self) -> int:
+        n = self.itemsize
+        for d in self.dims:
+            n *= d.size
+        return n
+
+    def dim(self, name: str) -> Dim:
+        for d in self.dims:
+            if d.name == name:
+                return d
+        msg = f"region {self.name!r} has no dim {name!r} (dims: {[d.name for d in self.dims]})"
+        raise LayoutError(msg)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "offset": self.offset,
+            "itemsize": self.itemsize,
+            "dims": [[d.name, d.size, d.stride] for d in self.dims],
+            "shard": None if self.shard is None else [self.shard.dim, list(self.shard.groups)],
+        }
+
+    @classmethod
+    def from_json(cls, d: Mapping[str, Any]) -> Region:
+        shard = d.get("shard")
+        return cls(
+            str(d["name"]),
+            int(d["offset"]),
+            int(d["itemsize"]),
+            tuple(Dim(str(n), int(s), int(st)) for n, s, st in d["dims"]),
+            None if shard is None else Shard(str(shard[0]), tuple(int(g) for g in shard[1])),
+        )
+
+
+@dataclass(frozen=True)
 class TensorLayout:
     """Where the bytes of block ``b`` of one tensor are.
 
@@ -75,6 +153,7 @@ class TensorLayout:
     extent: int  # bytes from ``addr`` that the tensor may touch
     logical: tuple[int, ...]  # logical per-block shape, last dim in bytes
     order: str = ""  # memory order of the logical dims inside a block, outermost first (e.g. "HN")
+    regions: tuple[Region, ...] = ()  # what the bytes of a block mean (empty: opaque units only)
 
     @property
     def page_bytes(self) -> int:
@@ -85,9 +164,19 @@ class TensorLayout:
         return (self.logical, self.order, self.unit_bytes, len(self.unit_offsets))
 
 
+MOVES_TOKENS = "tokens"
+MOVES_LAST_STATE = "last_state"
+
+
 @dataclass(frozen=True)
 class KVLayout:
-    """A parsed cache group."""
+    """A parsed cache group.
+
+    ``moves`` says how a request's block ids map to what must move: ``"tokens"``
+    (attention: block position ``i`` holds tokens ``[i*block_size, (i+1)*block_size)``,
+    the blocks of the transferred token range move) or ``"last_state"`` (Mamba/GDN
+    state slots: only the last valid state block moves, once the prefill is complete).
+    """
 
     parser: str
     group_id: int
@@ -95,6 +184,8 @@ class KVLayout:
     block_size: int
     tensors: tuple[TensorLayout, ...]
     signature: Mapping[str, Any]  # what both sides must agree on (checked at handshake)
+    moves: str = MOVES_TOKENS
+    detail: Mapping[str, Any] = field(default_factory=dict)  # parser-specific facts, for display
 
     def tensor(self, name: str) -> TensorLayout:
         for t in self.tensors:
@@ -128,8 +219,12 @@ def strided_units(shape: Sequence[int], strides: Sequence[int], content_bytes: i
     return tuple(int(o) for o in offsets), run
 
 
-def tensor_layout_from_bhnc(t: TensorDescription) -> TensorLayout:
-    """TensorLayout of a ``[B, H, N, C]`` view with arbitrary byte strides."""
+def tensor_layout_from_bhnc(t: TensorDescription, shard: Shard | None = None, region: str = "kv") -> TensorLayout:
+    """TensorLayout of a ``[B, H, N, C]`` view with arbitrary byte strides.
+
+    Its one region (``region``) has dims H (heads), N (tokens), C (content elements of
+    ``itemsize`` bytes); ``shard`` says how H is split over TP ranks.
+    """
     if len(t.shape) != 4 or len(t.strides) != 4:
         msg = f"tensor {t.name!r} has shape {t.shape}; a [blocks, heads, tokens, content] view was expected"
         raise LayoutError(msg)
@@ -141,7 +236,35 @@ def tensor_layout_from_bhnc(t: TensorDescription) -> TensorLayout:
     offsets, unit = strided_units((h, n), (sh, sn), c * t.itemsize)
     extent = (b - 1) * sb + max(offsets) + unit if b else 0
     order = dim_order("HN", (h, n), (sh, sn))
-    return TensorLayout(t.name, t.addr, b, sb, offsets, unit, extent, (h, n, c * t.itemsize), order)
+    reg = Region(region, 0, t.itemsize, (Dim("H", h, sh), Dim("N", n, sn), Dim("C", c, t.itemsize)), shard)
+    return TensorLayout(t.name, t.addr, b, sb, offsets, unit, extent, (h, n, c * t.itemsize), order, (reg,))
+
+
+def tensor_layout_from_regions(name: str, addr: int, num_blocks: int, block_stride: int,
+                               regions: Sequence[Region]) -> TensorLayout:
+    """TensorLayout of a tensor whose blocks hold ``regions`` (units: each region's contiguous runs)."""
+    units: list[tuple[int, int]] = []
+    for r in regions:
+        offs, unit = strided_units([d.size for d in r.dims], [d.stride for d in r.dims], r.itemsize)
+        units += [(r.offset + o, unit) for o in offs]
+    units.sort()
+    merged: list[list[int]] = []
+    for o, n in units:
+        if merged and merged[-1][0] + merged[-1][1] == o:
+            merged[-1][1] += n
+        else:
+            merged.append([o, n])
+    lengths = {n for _, n in merged}
+    if len(lengths) == 1:
+        offsets, unit = tuple(o for o, _ in merged), lengths.pop()
+    else:  # units of unequal length: one unit per byte range is not expressible; use the page span
+        lo = min(o for o, _ in merged)
+        offsets, unit = (lo,), max(o + n for o, n in merged) - lo
+    extent = (num_blocks - 1) * block_stride + offsets[-1] + unit if num_blocks else 0
+    logical = tuple(x for r in regions for x in ([d.size for d in r.dims] + [r.itemsize]))
+    order = ";".join(r.name + ":" + dim_order("".join(d.name[0] for d in r.dims), [d.size for d in r.dims],
+                                               [d.stride for d in r.dims]) for r in regions)
+    return TensorLayout(name, addr, num_blocks, block_stride, offsets, unit, extent, logical, order, tuple(regions))
 
 
 def dim_order(names: str, sizes: Sequence[int], strides: Sequence[int]) -> str:
@@ -154,6 +277,26 @@ def signature_hash(signature: Mapping[str, Any]) -> str:
     return hashlib.sha256(json.dumps(signature, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def _flatten(value: Any, prefix: str, out: dict[str, Any]) -> None:
+    if isinstance(value, Mapping) and value:
+        for k, v in value.items():
+            _flatten(v, f"{prefix}.{k}" if prefix else str(k), out)
+    elif isinstance(value, (list, tuple)) and value and all(isinstance(v, Mapping) for v in value):
+        out[f"{prefix}.count"] = len(value)
+        for i, v in enumerate(value):
+            _flatten(v, f"{prefix}[{i}]", out)
+    else:
+        out[prefix] = value
+
+
+# Fields whose mismatch deserves more than "use the same configuration".
+_HINTS = {
+    "isa": "CPU attention pages are packed for the CPU's instruction set (vec, vec16, amx, neon, ...): they can "
+           "move only between hosts that pack them the same way",
+    "tensor_parallel_size": "one TP size must divide the other",
+}
+
+
 def check_compatible(
     local: Mapping[str, Any],
     remote: Mapping[str, Any],
@@ -161,16 +304,50 @@ def check_compatible(
     what: str = "KV cache",
     sides: tuple[str, str] = ("here", "peer"),
 ) -> None:
-    """Raise IncompatiblePeerError naming every field on which two signatures differ, with both values."""
-    keys = sorted(set(local) | set(remote))
+    """Raise IncompatiblePeerError naming every field on which two signatures differ, with both values.
+
+    Nested fields (the per-group layout signatures) are compared leaf by leaf and named by path,
+    e.g. ``groups[0].isa: sender='amx' receiver='vec'``.
+    """
+    flat_a: dict[str, Any] = {}
+    flat_b: dict[str, Any] = {}
+    _flatten(dict(local), "", flat_a)
+    _flatten(dict(remote), "", flat_b)
+    keys = sorted(set(flat_a) | set(flat_b))
     a, b = sides
-    diffs = [f"{k}: {a}={local.get(k)!r} {b}={remote.get(k)!r}" for k in keys if local.get(k) != remote.get(k)]
+    diffs = [f"{k}: {a}={flat_a.get(k)!r} {b}={flat_b.get(k)!r}" for k in keys if flat_a.get(k) != flat_b.get(k)]
     if diffs:
+        hints = sorted({h for k in keys if flat_a.get(k) != flat_b.get(k)
+                        for f, h in _HINTS.items() if k.rsplit(".", 1)[-1] == f})
         msg = (
-            f"{what} of the two instances differ ({'; '.join(diffs)}). Run prefill and decode with the same "
-            "model, dtype, block size, KV layout and parallel configuration."
+            f"{what} of the two instances differ ({'; '.join(diffs)}). "
+            + ("".join(h + ". " for h in hints))
+            + "Run prefill and decode with the same model, dtype, block size, KV cache format and a compatible "
+            "parallel configuration."
         )
         raise IncompatiblePeerError(msg)
+
+
+def layout_signature(kind: str, content: str, dtype: str, block_size: int, **extra: Any) -> dict[str, Any]:
+    """The per-group record both sides must agree on: what the bytes mean, not where they sit.
+
+    Memory order (NHD/HND, SD/DS) and TP slicing are left out on purpose: the plan compiler
+    checks and bridges those when it pairs the two sides' regions.
+    """
+    return {"kind": kind, "content": content, "dtype": dtype, "block_size": block_size, **extra}
+
+
+def heads_shard(desc: CacheGroupDescription, local_heads: int, dim: str = "H", slots_per_head: int = 1) -> Shard:
+    """The TP split of a heads dim, from the description's ``tp_size`` and ``total_num_kv_heads``.
+
+    ``slots_per_head`` 2: the dim holds K slots of every head then V slots (NVFP4 head slots).
+    """
+    tp = int(desc.extra.get("tp_size", 1) or 1)
+    total = desc.extra.get("total_num_kv_heads")
+    per_slot = local_heads // slots_per_head
+    if total is None:
+        total = per_slot * tp
+    return Shard(dim, (int(total),) * slots_per_head)
 
 
 def _coalesce(src: np.ndarray, dst: np.ndarray, length: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -54,15 +54,17 @@ def registry() -> Registry:
 
 @pytest.fixture
 def make_agent(registry: Registry):
-    """``make(layouts, signature, timeout_s=10.0, listen=False) -> KVAgent`` over the tcp transport.
+    """``make(layouts, signature, timeout_s=10.0, listen=False, tp=(rank, size)) -> KVAgent`` over tcp.
 
     Every agent is closed after the test, and no transport thread may outlive it.
     """
     made: list[KVAgent] = []
 
-    def make(layouts, signature, *, timeout_s: float = 10.0, listen: bool = False, connections: int = 2):
+    def make(layouts, signature, *, timeout_s: float = 10.0, listen: bool = False, connections: int = 2,
+             tp: tuple[int, int] = (0, 1)):
         cfg = TransportConfig(connect_timeout_s=5.0, io_timeout_s=10.0, connections_per_peer=connections)
-        agent = KVAgent(registry.transport("tcp").factory(cfg), list(layouts), dict(signature), timeout_s=timeout_s)
+        agent = KVAgent(registry.transport("tcp").factory(cfg), list(layouts), dict(signature), timeout_s=timeout_s,
+                        tp_rank=tp[0], tp_size=tp[1])
         made.append(agent)
         if listen:
             agent.listen("127.0.0.1", 0)

@@ -55,14 +55,16 @@ class KVAgent(FrameHandler):
         *,
         timeout_s: float = 60.0,
         device: str = "cpu",
+        tp_rank: int = 0,
+        tp_size: int = 1,
     ) -> None:
         self.transport = transport
         self.layers = LayerTable(layouts)
         self.memory = MemoryRegistry()
         self.layers.register(self.memory, device)
         self.signature = signature
-        self.sender = KVSender(self.layers, signature, timeout_s)
-        self.receiver = KVReceiver(self.layers, signature, timeout_s, self._connect)
+        self.sender = KVSender(self.layers, signature, timeout_s, tp_rank, tp_size)
+        self.receiver = KVReceiver(self.layers, signature, timeout_s, self._connect, tp_rank, tp_size)
         self.address: str | None = None
 
     def listen(self, host: str, port: int) -> str:
@@ -102,11 +104,11 @@ class KVAgent(FrameHandler):
         elif kind == Kind.PULL:
             self.sender.on_pull(channel, tid, body)
         elif kind == Kind.DONE:
-            self.receiver.on_done(tid, body)
+            self.receiver.on_done(tid, body, channel)
         elif kind == Kind.ACK:
-            self.sender.on_ack(tid)
+            self.sender.on_ack(tid, channel)
         elif kind == Kind.CANCEL:
-            self.sender.on_cancel(tid)
+            self.sender.on_cancel(tid, channel)
         elif kind == Kind.ERROR:
             self.receiver.on_error(channel, None if transfer_id == bytes(16) else tid, body)
 

@@ -7,6 +7,7 @@ from typing import Any
 
 from llumnix_kv_core.errors import IncompatiblePeerError
 from llumnix_kv_core.layout import KVLayout
+from llumnix_kv_core.layout import Region
 from llumnix_kv_core.layout import TensorLayout
 from llumnix_kv_core.memory import MemoryRegion
 from llumnix_kv_core.memory import MemoryRegistry
@@ -57,13 +58,18 @@ class LayerTable:
                 "unit_bytes": e.tensor.unit_bytes,
                 "logical": list(e.tensor.logical),
                 "order": e.tensor.order,
+                "regions": [r.to_json() for r in e.tensor.regions],
             }
             for e in self.entries.values()
         ]
 
 
 def remote_layers(described: list[dict[str, Any]], local: LayerTable) -> dict[str, LayerEntry]:
-    """Parse a peer's layer table; each layer must exist here with the same block geometry."""
+    """Parse a peer's layer table; each layer must exist here, in the same cache group.
+
+    Layers described by regions are checked later, when the plan compiler pairs them; layers
+    without regions (opaque units) must have the same block geometry here and there.
+    """
     out: dict[str, LayerEntry] = {}
     for d in described:
         t = TensorLayout(
@@ -76,6 +82,7 @@ def remote_layers(described: list[dict[str, Any]], local: LayerTable) -> dict[st
             extent=0,
             logical=tuple(int(x) for x in d["logical"]),
             order=str(d.get("order", "")),
+            regions=tuple(Region.from_json(r) for r in d.get("regions", ())),
         )
         out[t.name] = LayerEntry(t.name, int(d["region"]), int(d["group"]), t)
     missing = sorted(set(local.entries) - set(out))
@@ -88,7 +95,11 @@ def remote_layers(described: list[dict[str, Any]], local: LayerTable) -> dict[st
         raise IncompatiblePeerError(msg)
     for name, e in out.items():
         mine = local[name]
-        if e.tensor.geometry() != mine.tensor.geometry():
+        if e.group_id != mine.group_id:
+            msg = f"layer {name!r} is in cache group {mine.group_id} here and {e.group_id} on the peer"
+            raise IncompatiblePeerError(msg)
+        # With regions on both sides the plan compiler decides (other TP size, other memory order).
+        if (not e.tensor.regions or not mine.tensor.regions) and e.tensor.geometry() != mine.tensor.geometry():
             msg = (
                 f"layer {name!r}: block geometry here {mine.tensor.geometry()} vs peer "
                 f"{e.tensor.geometry()}; use the same KV layout, block size and dtype on both sides"

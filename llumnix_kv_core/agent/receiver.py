@@ -14,6 +14,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
+from collections.abc import Sequence
 from dataclasses import dataclass
 from dataclasses import field
 from typing import Any
@@ -22,6 +23,7 @@ from llumnix_kv_core.agent.layers import LayerTable
 from llumnix_kv_core.errors import TransferError
 from llumnix_kv_core.interfaces.transport import Channel
 from llumnix_kv_core.interfaces.transport import Peer
+from llumnix_kv_core.plan import tp_sources
 from llumnix_kv_core.wire import Kind
 
 log = logging.getLogger(__name__)
@@ -40,15 +42,18 @@ class SenderLink:
 
 @dataclass
 class RecvTransfer:
+    """One transfer into this rank; it is pulled from every source in ``sources`` (prefill TP ranks)."""
+
     tid: str
-    address: str
+    sources: list[str]
     blocks: dict[int, list[int]]
     start: dict[int, int]
     state: str = "connecting"  # connecting | pulling | done | failed | cancelled
     error: str = ""
     frames: int = 0
     nbytes: int = 0
-    expected: tuple[int, int] | None = None
+    expected: dict[str, tuple[int, int]] = field(default_factory=dict)  # source -> its DONE totals
+    pulled: list[str] = field(default_factory=list)
     t_start: float = field(default_factory=time.monotonic)
     t_first: float = 0.0  # first payload byte in place
     t_done: float = 0.0
@@ -62,8 +67,11 @@ class KVReceiver:
         signature: dict[str, Any],
         timeout_s: float,
         connect: Callable[[str], Peer],
+        tp_rank: int = 0,
+        tp_size: int = 1,
     ) -> None:
         self.layers = layers
+        self.tp_rank, self.tp_size = tp_rank, tp_size
         self.signature = signature
         self.timeout_s = timeout_s
         self.agent_id = uuid.uuid4().hex
@@ -85,8 +93,16 @@ class KVReceiver:
             th.start()
 
     # -- engine-facing -----------------------------------------------------------------------
-    def start(self, tid: str, address: str, blocks: dict[int, list[int]], start: dict[int, int]) -> None:
-        t = RecvTransfer(tid, address, blocks, start)
+    def start(self, tid: str, address: str | Sequence[str], blocks: dict[int, list[int]],
+              start: dict[int, int]) -> None:
+        """Pull ``tid`` into ``blocks`` from position ``start[group]`` on.
+
+        ``address`` is the sender's address, or the list of every prefill TP rank's address
+        (rank order): this rank pulls from those :func:`~llumnix_kv_core.plan.tp_sources` names.
+        """
+        addresses = [address] if isinstance(address, str) else list(address)
+        sources = [addresses[p] for p in tp_sources(self.tp_rank, self.tp_size, len(addresses))]
+        t = RecvTransfer(tid, sources, blocks, start)
         with self._lock:
             if tid in self._transfers:
                 msg = f"transfer {tid} is already being received"
@@ -99,14 +115,8 @@ class KVReceiver:
             t = self._transfers.get(tid)
             if t is None or t.state in ("done", "failed", "cancelled"):
                 return
-            was_pulling = t.state == "pulling"
             t.state, t.error = "cancelled", "cancelled by the engine"
-            link = self._links.get(t.address)
-        if was_pulling and link is not None and link.peer is not None:
-            try:
-                link.peer.channels[0].send_control(Kind.CANCEL, tid)
-            except Exception:
-                log.debug("could not send CANCEL for %s", tid)
+            self._cancel_sources(t)
 
     def poll(self) -> tuple[set[str], dict[str, str]]:
         """(transfers fully received, transfers failed or cancelled -> why); each reported once."""
@@ -146,12 +156,14 @@ class KVReceiver:
             t.t_first = t.t_first or t.last_progress
             self._check_done(t)
 
-    def on_done(self, tid: str, body: dict[str, Any]) -> None:
+    def on_done(self, tid: str, body: dict[str, Any], channel: Channel | None = None) -> None:
         with self._lock:
             t = self._transfers.get(tid)
             if t is None or t.state != "pulling":
                 return
-            t.expected = (int(body.get("frames", -1)), int(body.get("bytes", -1)))
+            link = self._channel_link.get(id(channel)) if channel is not None else None
+            source = link.address if link is not None else t.sources[0]
+            t.expected[source] = (int(body.get("frames", -1)), int(body.get("bytes", -1)))
             t.last_progress = time.monotonic()
             self._check_done(t)
 
@@ -175,6 +187,7 @@ class KVReceiver:
             t = self._transfers.get(tid)
             if t is not None and t.state in ("connecting", "pulling"):
                 t.state, t.error = "failed", f"the prefill instance reported: {why}"
+                self._cancel_sources(t, skip=link.address if link is not None else None)
 
     def on_closed(self, channel: Channel, error: BaseException | None) -> None:
         with self._lock:
@@ -202,18 +215,32 @@ class KVReceiver:
 
     # -- internals (lock held unless noted) ------------------------------------------------------
     def _check_done(self, t: RecvTransfer) -> None:
-        if t.expected is None or t.frames < t.expected[0]:
+        if len(t.expected) < len(t.sources):
             return
-        if (t.frames, t.nbytes) != t.expected:
+        want = (sum(f for f, _ in t.expected.values()), sum(b for _, b in t.expected.values()))
+        if t.frames < want[0]:
+            return
+        if (t.frames, t.nbytes) != want:
             t.state = "failed"
-            t.error = f"received {t.frames} frames / {t.nbytes} bytes, the sender announced {t.expected}"
+            t.error = f"received {t.frames} frames / {t.nbytes} bytes, the sender announced {want}"
+            self._cancel_sources(t)
             return
         t.state, t.t_done = "done", time.monotonic()
         self.completed.append(t)
-        link = self._links.get(t.address)
-        if link is not None and link.peer is not None:
+        for address in t.sources:
+            link = self._links.get(address)
+            if link is not None and link.peer is not None:
+                chan = link.peer.channels[0]
+                threading.Thread(target=self._send_quietly, args=(chan, Kind.ACK, t.tid), daemon=True).start()
+
+    def _cancel_sources(self, t: RecvTransfer, skip: str | None = None) -> None:
+        """Tell every source already pulled (but ``skip``) that this rank gave the transfer up."""
+        for address in t.pulled:
+            link = self._links.get(address)
+            if address == skip or link is None or link.peer is None:
+                continue
             chan = link.peer.channels[0]
-            threading.Thread(target=self._send_quietly, args=(chan, Kind.ACK, t.tid), daemon=True).start()
+            threading.Thread(target=self._send_quietly, args=(chan, Kind.CANCEL, t.tid), daemon=True).start()
 
     @staticmethod
     def _send_quietly(chan: Channel, kind: Kind, tid: str) -> None:
@@ -224,8 +251,9 @@ class KVReceiver:
 
     def _fail_link(self, link: SenderLink, why: str) -> None:
         for t in self._transfers.values():
-            if t.address == link.address and t.state in ("connecting", "pulling"):
+            if link.address in t.sources and t.state in ("connecting", "pulling"):
                 t.state, t.error = "failed", why
+                self._cancel_sources(t, skip=link.address)
 
     def _live_inflight(self) -> set[str]:
         alive = {th.ident for th in threading.enumerate()}
@@ -252,7 +280,8 @@ class KVReceiver:
             link.peer = peer
             for ch in peer.channels:
                 self._channel_link[id(ch)] = link
-        hello = {"agent": self.agent_id, "signature": self.signature, "layers": self.layers.describe()}
+        hello = {"agent": self.agent_id, "signature": self.signature, "layers": self.layers.describe(),
+                 "tp": [self.tp_rank, self.tp_size]}
         for i, ch in enumerate(peer.channels):
             ch.send_control(Kind.HELLO, bytes(16), {**hello, "channel": i})
         deadline = time.monotonic() + self.timeout_s
@@ -282,21 +311,25 @@ class KVReceiver:
             t = self._jobs.get()
             if t is None:
                 return
-            try:
-                link = self._link(t.address, t.tid)
-                with self._lock:
-                    if t.state != "connecting":
-                        continue
-                    t.state, t.last_progress = "pulling", time.monotonic()
-                assert link.peer is not None
-                body = {"blocks": {str(g): b for g, b in t.blocks.items()},
-                        "start": {str(g): s for g, s in t.start.items()}}
-                link.peer.channels[0].send_control(Kind.PULL, t.tid, body)
-            except Exception as exc:
-                log.error("transfer %s from %s failed: %s", t.tid, t.address, exc)
-                with self._lock:
-                    if t.state in ("connecting", "pulling"):
-                        t.state, t.error = "failed", str(exc)
+            body = {"blocks": {str(g): b for g, b in t.blocks.items()},
+                    "start": {str(g): s for g, s in t.start.items()}}
+            for address in t.sources:
+                try:
+                    link = self._link(address, t.tid)
+                    with self._lock:
+                        if t.state not in ("connecting", "pulling"):
+                            break
+                        t.state, t.last_progress = "pulling", time.monotonic()
+                        t.pulled.append(address)
+                    assert link.peer is not None
+                    link.peer.channels[0].send_control(Kind.PULL, t.tid, body)
+                except Exception as exc:
+                    log.error("transfer %s from %s failed: %s", t.tid, address, exc)
+                    with self._lock:
+                        if t.state in ("connecting", "pulling"):
+                            t.state, t.error = "failed", str(exc)
+                            self._cancel_sources(t, skip=address)
+                    break
 
     def _watch_loop(self) -> None:
         while True:
@@ -308,5 +341,6 @@ class KVReceiver:
                 for t in self._transfers.values():
                     if t.state == "pulling" and now - t.last_progress > self.timeout_s:
                         t.state = "failed"
-                        t.error = (f"no data from the prefill instance at {t.address} for {self.timeout_s:.0f} s "
+                        t.error = (f"no data from the prefill instance at {', '.join(t.sources)} for "
+                                   f"{self.timeout_s:.0f} s "
                                    "(raise transfer_timeout_s if prefills are this long)")

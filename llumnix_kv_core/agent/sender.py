@@ -24,9 +24,14 @@ from llumnix_kv_core.agent.layers import LayerEntry
 from llumnix_kv_core.agent.layers import LayerTable
 from llumnix_kv_core.agent.layers import remote_layers
 from llumnix_kv_core.errors import IncompatiblePeerError
+from llumnix_kv_core.errors import LayoutError
 from llumnix_kv_core.interfaces.transport import Channel
 from llumnix_kv_core.layout import check_compatible
-from llumnix_kv_core.layout import plan_blocks
+from llumnix_kv_core.plan import Template
+from llumnix_kv_core.plan import check_tp
+from llumnix_kv_core.plan import compile_template
+from llumnix_kv_core.plan import plan_tensor
+from llumnix_kv_core.plan import tp_expected_pulls
 from llumnix_kv_core.wire import Kind
 
 log = logging.getLogger(__name__)
@@ -36,12 +41,33 @@ FINAL_STATES = ("acked", "failed", "cancelled", "expired")
 
 @dataclass
 class ReceiverPeer:
-    """A receiving agent, known from its HELLO, with the channels it opened to us."""
+    """A receiving agent, known from its HELLO, with the channels it opened to us.
+
+    ``templates[layer]`` is the compiled block template from our layout (TP rank) to its
+    layout (TP rank), built and checked once at handshake.
+    """
 
     agent_id: str
     layers: dict[str, LayerEntry]
+    rank: int = 0
+    tp: int = 1
+    templates: dict[str, Template] = field(default_factory=dict)
     channels: dict[int, Channel] = field(default_factory=dict)
     queues: dict[int, queue.Queue[Callable[[], None] | None]] = field(default_factory=dict)
+
+
+@dataclass
+class Attachment:
+    """One receiver (a decode TP rank) that pulled a transfer, with its own block ids and progress."""
+
+    peer: ReceiverPeer
+    dst_blocks: dict[int, list[int]]
+    dst_start: dict[int, int]
+    planned: int = 0  # units of the transfer already planned for this receiver
+    frames: int = 0
+    planned_bytes: int = 0
+    done_queued: bool = False
+    acked: bool = False
 
 
 @dataclass
@@ -53,29 +79,32 @@ class SendTransfer:
     complete: bool = False
     sealed: bool = False
     expires: float = float("inf")
-    peer: ReceiverPeer | None = None
-    dst_blocks: dict[int, list[int]] = field(default_factory=dict)
-    dst_start: dict[int, int] = field(default_factory=dict)
-    planned: int = 0
-    planned_bytes: int = 0
+    attachments: list[Attachment] = field(default_factory=list)
+    expected_pulls: int = 1  # receivers that will pull it (known from the first receiver's TP size)
     frames: int = 0
     nbytes: int = 0
     outstanding: int = 0
-    done_queued: bool = False
     state: str = "open"
     error: str = ""
     t_attach: float = 0.0
     t_done: float = 0.0
 
+    @property
+    def peer(self) -> ReceiverPeer | None:
+        """The first receiver attached (None before any pulled it)."""
+        return self.attachments[0].peer if self.attachments else None
+
 
 class KVSender:
-    def __init__(self, layers: LayerTable, signature: dict[str, Any], timeout_s: float) -> None:
+    def __init__(self, layers: LayerTable, signature: dict[str, Any], timeout_s: float, tp_rank: int = 0,
+                 tp_size: int = 1) -> None:
         self.layers = layers
         self.signature = signature
         self.timeout_s = timeout_s
+        self.tp_rank, self.tp_size = tp_rank, tp_size
         self._lock = threading.Condition()
         self._transfers: dict[str, SendTransfer] = {}
-        self._pending_pulls: dict[str, tuple[ReceiverPeer, dict[str, Any], float]] = {}
+        self._pending_pulls: dict[str, list[tuple[ReceiverPeer, dict[str, Any], float]]] = {}
         self._peers: dict[str, ReceiverPeer] = {}
         self._channel_peer: dict[int, tuple[ReceiverPeer, int]] = {}
         self._released: set[str] = set()
@@ -96,9 +125,8 @@ class KVSender:
                     t.state, t.error = "cancelled", "the decode instance cancelled the transfer"
                 for e in self.layers:
                     self._add_unit(t, e.name, 0, (ready or {}).get(e.group_id, 0))
-                pending = self._pending_pulls.pop(tid, None)
-                if pending is not None:
-                    self._attach(t, pending[0], pending[1])
+                for peer, body, _deadline in self._pending_pulls.pop(tid, []):
+                    self._attach(t, peer, body)
             else:
                 for g, b in blocks.items():
                     t.blocks[g] = list(b)
@@ -111,12 +139,18 @@ class KVSender:
                 self._add_unit(t, layer, lo, hi)
                 self._lock.notify_all()
 
-    def complete(self, tid: str, positions: dict[int, int]) -> None:
-        """Every layer of group g is computed for block positions [0, positions[g])."""
+    def complete(self, tid: str, positions: dict[int, int], blocks: dict[int, list[int]] | None = None) -> None:
+        """Every layer of group g is computed for block positions [0, positions[g]).
+
+        ``blocks`` (optional) replaces the block lists of some groups first, e.g. the final state
+        block of a Mamba group, known only once the prefill is complete.
+        """
         with self._lock:
             t = self._transfers.get(tid)
             if t is None or t.state != "open":
                 return
+            for g, b in (blocks or {}).items():
+                t.blocks[g] = list(b)
             for e in self.layers:
                 self._add_unit(t, e.name, t.layer_hi.get(e.name, 0), positions.get(e.group_id, 0))
             t.complete = True
@@ -146,11 +180,21 @@ class KVSender:
             return out
 
     # -- frames (transport receive threads) -------------------------------------------------
+    def _check_receiver(self, body: dict[str, Any]) -> tuple[dict[str, LayerEntry], int, int, dict[str, Template]]:
+        check_compatible(self.signature, body.get("signature", {}), sides=("sender", "receiver"))
+        rank, size = (int(x) for x in body.get("tp", (0, 1)))
+        check_tp(self.tp_size, size)
+        layers = remote_layers(body.get("layers", []), self.layers)
+        templates = {
+            name: compile_template(self.layers[name].tensor, e.tensor, self.tp_rank, self.tp_size, rank, size)
+            for name, e in layers.items()
+        }
+        return layers, rank, size, templates
+
     def on_hello(self, channel: Channel, body: dict[str, Any]) -> None:
         try:
-            check_compatible(self.signature, body.get("signature", {}), sides=("sender", "receiver"))
-            layers = remote_layers(body.get("layers", []), self.layers)
-        except IncompatiblePeerError as exc:
+            layers, rank, size, templates = self._check_receiver(body)
+        except (IncompatiblePeerError, LayoutError) as exc:
             # Refuse, but keep the connection: the receiver cancels its transfer on it and closes.
             log.error("refusing receiver %s: %s", channel.peer_name, exc)
             channel.send_control(Kind.ERROR, bytes(16), {"error": str(exc)})
@@ -159,7 +203,7 @@ class KVSender:
         with self._lock:
             peer = self._peers.get(agent_id)
             if peer is None:
-                peer = self._peers[agent_id] = ReceiverPeer(agent_id, layers)
+                peer = self._peers[agent_id] = ReceiverPeer(agent_id, layers, rank, size, templates)
             peer.channels[index] = channel
             q: queue.Queue[Callable[[], None] | None] = queue.Queue()
             peer.queues[index] = q
@@ -173,32 +217,52 @@ class KVSender:
             if entry is None:
                 channel.send_control(Kind.ERROR, tid, {"error": "PULL before HELLO on this connection"})
                 return
+            peer = entry[0]
             t = self._transfers.get(tid)
             if t is None:
-                self._pending_pulls[tid] = (entry[0], body, time.monotonic() + self.timeout_s)
+                self._pending_pulls.setdefault(tid, []).append((peer, body, time.monotonic() + self.timeout_s))
                 return
-            if t.peer is not None or t.state != "open":
-                why = "another receiver already pulled it" if t.peer else f"it is {t.state}"
+            if t.state != "open" or any(a.peer is peer for a in t.attachments) or (
+                    t.attachments and len(t.attachments) >= t.expected_pulls):
+                why = f"it is {t.state}" if t.state != "open" else "another receiver already pulled it"
                 channel.send_control(Kind.ERROR, tid, {"error": f"transfer {tid} cannot be pulled: {why}"})
                 return
-            self._attach(t, entry[0], body)
+            self._attach(t, peer, body)
             self._lock.notify_all()
 
-    def on_ack(self, tid: str) -> None:
+    def _attachment(self, t: SendTransfer, channel: Channel | None) -> Attachment | None:
+        entry = self._channel_peer.get(id(channel)) if channel is not None else None
+        if entry is None:
+            return t.attachments[0] if len(t.attachments) == 1 else None
+        return next((a for a in t.attachments if a.peer is entry[0]), None)
+
+    def on_ack(self, tid: str, channel: Channel | None = None) -> None:
         with self._lock:
             t = self._transfers.get(tid)
-            if t is not None and t.state == "open":
+            if t is None or t.state != "open":
+                return
+            a = self._attachment(t, channel)
+            if a is not None:
+                a.acked = True
+            if len(t.attachments) >= t.expected_pulls and all(x.acked for x in t.attachments):
                 t.state, t.t_done = "acked", time.monotonic()
-                self._lock.notify_all()
+            self._lock.notify_all()
 
-    def on_cancel(self, tid: str) -> None:
+    def on_cancel(self, tid: str, channel: Channel | None = None) -> None:
         with self._lock:
-            self._pending_pulls.pop(tid, None)
+            entry = self._channel_peer.get(id(channel)) if channel is not None else None
+            pending = [p for p in self._pending_pulls.get(tid, []) if entry is None or p[0] is not entry[0]]
+            if pending:
+                self._pending_pulls[tid] = pending
+            else:
+                self._pending_pulls.pop(tid, None)
             t = self._transfers.get(tid)
             if t is None:
                 self._cancelled_early[tid] = time.monotonic() + self.timeout_s
             elif t.state == "open":
-                self._fail(t, "cancelled", "the decode instance cancelled the transfer", notify=False)
+                # Other receivers of it (other decode TP ranks) are told; the canceller knows.
+                self._fail(t, "cancelled", "the decode instance cancelled the transfer",
+                           skip=entry[0] if entry is not None else None)
             self._lock.notify_all()
 
     def on_closed(self, channel: Channel) -> None:
@@ -214,8 +278,8 @@ class KVSender:
             if not peer.channels:
                 self._peers.pop(peer.agent_id, None)
                 for t in self._transfers.values():
-                    if t.peer is peer and t.state == "open":
-                        self._fail(t, "failed", "the decode instance closed its connections", notify=False)
+                    if t.state == "open" and any(a.peer is peer for a in t.attachments):
+                        self._fail(t, "failed", "the decode instance closed its connections", skip=peer)
             self._lock.notify_all()
 
     def stop(self) -> None:
@@ -234,18 +298,25 @@ class KVSender:
             t.layer_hi[layer] = max(t.layer_hi.get(layer, 0), hi)
 
     def _attach(self, t: SendTransfer, peer: ReceiverPeer, body: dict[str, Any]) -> None:
-        t.peer = peer
-        t.dst_blocks = {int(g): list(b) for g, b in body["blocks"].items()}
-        t.dst_start = {int(g): int(s) for g, s in body.get("start", {}).items()}
-        t.t_attach = time.monotonic()
+        if not t.attachments:
+            t.expected_pulls = tp_expected_pulls(self.tp_rank, self.tp_size, peer.tp)
+            t.t_attach = time.monotonic()
+        t.attachments.append(Attachment(peer, {int(g): list(b) for g, b in body["blocks"].items()},
+                                        {int(g): int(s) for g, s in body.get("start", {}).items()}))
 
-    def _fail(self, t: SendTransfer, state: str, why: str, *, notify: bool = True) -> None:
-        """Move ``t`` to a final state; tell its receiver (from the channel's send thread)."""
+    def _fail(self, t: SendTransfer, state: str, why: str, *, notify: bool = True,
+              skip: ReceiverPeer | None = None) -> None:
+        """Move ``t`` to a final state; tell its receivers (from each channel's send thread)."""
         t.state, t.error = state, why
-        if notify and t.peer is not None and t.peer.queues:
-            peer, index = t.peer, min(t.peer.queues)
+        if not notify:
+            return
+        for a in t.attachments:
+            peer = a.peer
+            if peer is skip or not peer.queues:
+                continue
+            index = min(peer.queues)
 
-            def tell() -> None:
+            def tell(peer=peer, index=index) -> None:
                 chan = peer.channels.get(index)
                 try:
                     if chan is not None:
@@ -274,32 +345,43 @@ class KVSender:
                 self._expire()
                 work = []
                 for t in self._transfers.values():
-                    if t.peer is None or t.state != "open" or not t.peer.queues:
+                    if t.state != "open":
                         continue
-                    units = t.units[t.planned :]
-                    t.planned = len(t.units)
-                    finish = t.complete and not t.done_queued
-                    if units or finish:
-                        work.append((t, units, finish))
-            for t, units, finish in work:
-                self._queue_units(t, units, finish)
+                    for a in t.attachments:
+                        if not a.peer.queues:
+                            continue
+                        units = t.units[a.planned :]
+                        a.planned = len(t.units)
+                        finish = t.complete and not a.done_queued
+                        if units or finish:
+                            work.append((t, a, units, finish, {g: list(b) for g, b in t.blocks.items()}))
+            for t, a, units, finish, blocks in work:
+                self._queue_units(t, a, units, finish, blocks)
 
-    def _queue_units(self, t: SendTransfer, units: list[tuple[str, int, int]], finish: bool) -> None:
-        peer = t.peer
-        assert peer is not None
+    def _queue_units(self, t: SendTransfer, a: Attachment, units: list[tuple[str, int, int]], finish: bool,
+                     blocks: dict[int, list[int]]) -> None:
+        peer = a.peer
         jobs = []
+        plans: dict[tuple[int, ...], Any] = {}  # layers of one geometry share a plan
         for layer, lo, hi in units:
             src = self.layers[layer]
             dst = peer.layers[layer]
             g = src.group_id
-            p_blocks, d_blocks = t.blocks.get(g, []), t.dst_blocks.get(g, [])
-            a, b = max(lo, t.dst_start.get(g, 0)), min(hi, len(p_blocks), len(d_blocks))
-            if a >= b:
+            p_blocks, d_blocks = blocks.get(g, []), a.dst_blocks.get(g, [])
+            lo_, hi_ = max(lo, a.dst_start.get(g, 0)), min(hi, len(p_blocks), len(d_blocks))
+            if lo_ >= hi_:
                 continue
-            plan = plan_blocks(src.tensor, p_blocks[a:b], dst.tensor, d_blocks[a:b])
-            src_addrs = plan.src_offsets + np.uint64(src.tensor.addr)
-            regions = np.full(len(plan.lengths), dst.region_id, dtype=np.uint64)
-            jobs.append((src.region_id, src_addrs, regions, plan.dst_offsets, plan.lengths, dst.region_id))
+            tpl = peer.templates[layer]
+            key = (id(tpl), g, lo_, hi_, src.tensor.block_stride, dst.tensor.block_stride, src.tensor.num_blocks,
+                   dst.tensor.num_blocks)
+            seg = plans.get(key)
+            if seg is None:
+                seg = plans[key] = plan_tensor(tpl, src.tensor, p_blocks[lo_:hi_], dst.tensor, d_blocks[lo_:hi_])
+            if len(seg.lengths) == 0:
+                continue  # this rank holds nothing this receiver needs (e.g. a replicated latent)
+            src_addrs = seg.src_offsets + np.uint64(src.tensor.addr)
+            regions = np.full(len(seg.lengths), dst.region_id, dtype=np.uint64)
+            jobs.append((src.region_id, src_addrs, regions, seg.dst_offsets, seg.lengths, dst.region_id))
         with self._lock:
             if t.state != "open":
                 return
@@ -309,13 +391,14 @@ class KVSender:
             for region, src_addrs, regions, offs, lens, dst_region in jobs:
                 index = chans[region % len(chans)]
                 t.outstanding += 1
+                a.frames += 1
                 t.frames += 1
-                t.planned_bytes += int(lens.sum())
+                a.planned_bytes += int(lens.sum())
                 peer.queues[index].put(self._data_job(t, peer, index, dst_region, src_addrs, regions, offs, lens))
-            if finish and t.planned == len(t.units):
-                t.done_queued = True
+            if finish and a.planned == len(t.units):
+                a.done_queued = True
                 t.outstanding += 1
-                peer.queues[chans[0]].put(self._done_job(t, peer, chans[0]))
+                peer.queues[chans[0]].put(self._done_job(t, a, chans[0]))
 
     def _data_job(self, t, peer, index, layer, src, regions, offs, lens) -> Callable[[], None]:
         def run() -> None:
@@ -332,14 +415,14 @@ class KVSender:
 
         return run
 
-    def _done_job(self, t, peer, index) -> Callable[[], None]:
+    def _done_job(self, t: SendTransfer, a: Attachment, index: int) -> Callable[[], None]:
         def run() -> None:
-            chan = peer.channels.get(index)
+            chan = a.peer.channels.get(index)
             try:
                 if chan is None:
                     msg = "connection to the decode instance is closed"
                     raise ConnectionError(msg)
-                chan.send_control(Kind.DONE, t.tid, {"frames": t.frames, "bytes": t.planned_bytes})
+                chan.send_control(Kind.DONE, t.tid, {"frames": a.frames, "bytes": a.planned_bytes})
             except BaseException as exc:
                 self._job_done(t, 0, exc)
                 return
@@ -360,17 +443,20 @@ class KVSender:
         for t in self._transfers.values():
             if t.state != "open" or not t.sealed:
                 continue
-            if t.peer is None and now > t.expires:
+            if not t.attachments and now > t.expires:
                 t.state, t.error = "expired", "no decode instance pulled it before the lease ended"
                 log.warning("transfer %s expired unclaimed; freeing its blocks", t.tid)
-            elif t.peer is not None and now > t.expires + self.timeout_s:
+            elif t.attachments and now > t.expires + self.timeout_s:
                 self._fail(t, "failed", "the decode instance never confirmed the transfer")
         for tid, deadline in list(self._cancelled_early.items()):
             if now > deadline:
                 del self._cancelled_early[tid]
-        for tid, (peer, _body, deadline) in list(self._pending_pulls.items()):
-            if now > deadline:
-                del self._pending_pulls[tid]
+        for tid, pulls in list(self._pending_pulls.items()):
+            keep = []
+            for peer, body, deadline in pulls:
+                if now <= deadline:
+                    keep.append((peer, body, deadline))
+                    continue
                 chan = next(iter(peer.channels.values()), None)
                 if chan is not None:
                     try:
@@ -378,3 +464,7 @@ class KVSender:
                                                             "(it expired, failed, or never reached this instance)"})
                     except Exception:
                         log.debug("could not report unknown transfer %s", tid)
+            if keep:
+                self._pending_pulls[tid] = keep
+            else:
+                del self._pending_pulls[tid]

@@ -53,7 +53,8 @@ class LlumnixKVConnector(KVConnectorBase_V1, SupportsHMA):
         self._worker: WorkerSide | None = None
         if role == KVConnectorRole.SCHEDULER:
             engine_id = self._kv_transfer_config.engine_id or ""
-            self._scheduler = SchedulerSide(policy, engine_id, [])
+            backoff = 1 if kv_cache_config is not None and kv_cache_config.has_mamba_layers else 0
+            self._scheduler = SchedulerSide(policy, engine_id, [], backoff)
         else:
             from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
 
@@ -63,6 +64,10 @@ class LlumnixKVConnector(KVConnectorBase_V1, SupportsHMA):
     def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int | None, bool]:
         assert self._scheduler is not None
         return self._scheduler.get_num_new_matched_tokens(request, num_computed_tokens)
+
+    def on_new_request(self, request: Request) -> None:
+        if self._scheduler is not None:
+            self._scheduler.on_new_request(request)
 
     def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int) -> None:
         assert self._scheduler is not None

@@ -23,8 +23,12 @@ log = logging.getLogger(__name__)
 
 
 class SchedulerSide:
-    def __init__(self, policy: ScenarioPolicy, engine_id: str, fallback_addresses: list[str]) -> None:
+    def __init__(self, policy: ScenarioPolicy, engine_id: str, fallback_addresses: list[str],
+                 backoff: int = 0) -> None:
         self.policy = policy
+        # Trailing prompt tokens P does not compute and D computes itself. Mamba/GDN models need
+        # 1: D must receive the state after N-1 tokens to compute token N from it.
+        self.backoff = backoff
         self.engine_id = engine_id
         self.addresses = fallback_addresses
         self._loading: dict[str, LoadPlan] = {}  # req_id -> plan, once blocks are allocated
@@ -39,6 +43,25 @@ class SchedulerSide:
     def set_addresses(self, by_rank: dict[int, Any]) -> None:
         self.addresses = [by_rank[r].address for r in sorted(by_rank)]
 
+    def on_new_request(self, request: Request) -> None:
+        """Prefill side of a model with state layers: stop the prompt ``backoff`` tokens short."""
+        params = request.kv_transfer_params
+        if not self.backoff or params is None or params.get("_llumnix_truncated"):
+            return
+        if self.policy.save_plan(params) is None or request.num_prompt_tokens <= self.backoff:
+            return
+        if request.prompt_token_ids is None or request.get_skip_reading_prefix_cache():
+            return
+        del request.prompt_token_ids[-self.backoff:]
+        del request._all_token_ids[-self.backoff:]
+        request.num_prompt_tokens -= self.backoff
+        request.max_tokens = 1
+        params["_llumnix_truncated"] = True
+
+    def _load_len(self, request: Request) -> int:
+        n = request.num_prompt_tokens
+        return n - self.backoff if self.backoff and n > self.backoff else n
+
     # -- decode side -----------------------------------------------------------------------------
     def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int, bool]:
         if request.request_id in self._loading:
@@ -46,7 +69,7 @@ class SchedulerSide:
         plan = self.policy.load_plan(request.kv_transfer_params)
         if plan is None:
             return 0, False
-        n = request.num_prompt_tokens - num_computed_tokens
+        n = self._load_len(request) - num_computed_tokens
         return (n, True) if n > 0 else (0, False)
 
     def update_state_after_alloc(self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int) -> None:
@@ -65,7 +88,7 @@ class SchedulerSide:
                 plan.transfer_id,
                 plan.remote_addresses,
                 tuple(tuple(b) for b in block_ids),
-                request.num_prompt_tokens - num_external_tokens,
+                self._load_len(request) - num_external_tokens,
             )
         )
 

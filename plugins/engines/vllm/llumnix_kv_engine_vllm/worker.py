@@ -15,6 +15,7 @@ from typing import Any
 from llumnix_kv_core.agent import KVAgent
 from llumnix_kv_core.errors import LayoutError
 from llumnix_kv_core.interfaces.transport import TransportConfig
+from llumnix_kv_core.layout import MOVES_LAST_STATE
 from llumnix_kv_core.layout import signature_hash
 from llumnix_kv_core.manager import get_registry
 from llumnix_kv_engine_vllm.describe import describe_groups
@@ -43,6 +44,9 @@ class WorkerSide:
             g: grp.kv_cache_spec.block_size for g, grp in enumerate(kv_cache_config.kv_cache_groups)
         }
         self._layer_group: dict[str, int] = {}
+        # Groups whose blocks are state slots (Mamba/GDN): only the last valid state block moves,
+        # once the prefill is complete; value: trailing speculative scratch slots to skip.
+        self._state_groups: dict[int, int] = {}
         self._step_saves: list = []
         self._send_req: dict[str, str] = {}  # transfer id -> request id (prefill side)
         self._released: set[str] = set()  # request ids whose source blocks may be freed
@@ -67,6 +71,9 @@ class WorkerSide:
         for lay in layouts:
             for t in lay.tensors:
                 self._layer_group[t.name] = lay.group_id
+            if lay.moves == MOVES_LAST_STATE:
+                spec = self.kv_cache_config.kv_cache_groups[lay.group_id].kv_cache_spec
+                self._state_groups[lay.group_id] = int(getattr(spec, "num_speculative_blocks", 0) or 0)
         signature = engine_signature(self.vllm_config, [dict(lay.signature) for lay in layouts])
         provider = registry.transport(self.options["transport"])
         cfg = TransportConfig(
@@ -76,7 +83,8 @@ class WorkerSide:
             extra=tuple(sorted((self.options.get("transport_options") or {}).items())),
         )
         self.agent = KVAgent(provider.factory(cfg), layouts, signature,
-                             timeout_s=float(self.options.get("transfer_timeout_s", 60.0)))
+                             timeout_s=float(self.options.get("transfer_timeout_s", 60.0)),
+                             tp_rank=self.rank, tp_size=self.vllm_config.parallel_config.tensor_parallel_size)
         if self.vllm_config.kv_transfer_config.is_kv_producer:
             port = int(self.options.get("port", 0))
             addr = self.agent.listen(str(self.options.get("host", "127.0.0.1")), port + self.rank if port else 0)
@@ -92,15 +100,26 @@ class WorkerSide:
     def _positions(self, group: int, tokens: int) -> int:
         return math.ceil(tokens / self.block_sizes[group])
 
+    def _blocks(self, per_group: tuple[tuple[int, ...], ...] | list[list[int]]) -> dict[int, list[int]]:
+        """What moves of each group: token blocks as they are; of a state group its last valid state slot."""
+        out = {}
+        for g, b in enumerate(per_group):
+            b = list(b)
+            if g in self._state_groups:
+                spec_slots = min(self._state_groups[g], max(len(b) - 1, 0))
+                b = (b[:-spec_slots] if spec_slots else b)[-1:]
+            out[g] = b
+        return out
+
     def bind(self, meta: LlumnixConnectorMetadata) -> None:
         agent = self.agent
         assert agent is not None, "register_kv_caches was not called"
         for task in meta.loads:
-            address = task.addresses[self.rank % len(task.addresses)]
-            blocks = {g: list(b) for g, b in enumerate(task.blocks)}
-            start = {g: task.start_token // self.block_sizes[g] for g in blocks}
+            blocks = self._blocks(task.blocks)
+            start = {g: 0 if g in self._state_groups else task.start_token // self.block_sizes[g] for g in blocks}
             self._recv_req[task.transfer_id] = task
-            agent.receiver.start(task.transfer_id, address, blocks, start)
+            # Every prefill TP rank's address: this rank pulls from those that hold its slices.
+            agent.receiver.start(task.transfer_id, list(task.addresses), blocks, start)
         for req_id, tid in meta.cancelled_loads:
             if tid not in self._recv_req:
                 # Its completion was reported before the engine finished the request; the engine now
@@ -111,8 +130,8 @@ class WorkerSide:
             agent.receiver.cancel(tid)
         for s in meta.saves:
             self._send_req[s.transfer_id] = s.req_id
-            blocks = {g: list(b) for g, b in enumerate(s.blocks)}
-            ready = {g: s.computed_before // self.block_sizes[g] for g in blocks}
+            blocks = self._blocks(s.blocks)
+            ready = {g: 0 if g in self._state_groups else s.computed_before // self.block_sizes[g] for g in blocks}
             agent.sender.open(s.transfer_id, blocks, ready)
         self._step_saves = meta.saves
         for f in meta.finished_saves:
@@ -123,7 +142,7 @@ class WorkerSide:
 
     def save_layer(self, layer_name: str) -> None:
         group = self._layer_group.get(layer_name)
-        if group is None or self.agent is None:
+        if group is None or self.agent is None or group in self._state_groups:
             return
         for s in self._step_saves:
             lo = s.computed_before // self.block_sizes[group]
@@ -133,8 +152,12 @@ class WorkerSide:
         assert self.agent is not None
         for s in self._step_saves:
             if s.computed_after >= s.prompt_len:
-                positions = {g: self._positions(g, s.prompt_len) for g in self.block_sizes}
-                self.agent.sender.complete(s.transfer_id, positions)
+                # Mamba/GDN layers have no per-layer hooks: their final state moves now, once.
+                positions = {g: 1 if g in self._state_groups else self._positions(g, s.prompt_len)
+                             for g in self.block_sizes}
+                blocks = self._blocks(s.blocks)
+                self.agent.sender.complete(s.transfer_id, positions,
+                                           {g: b for g, b in blocks.items() if g in self._state_groups})
         self._step_saves = []
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str] | None, set[str] | None]:

@@ -4,7 +4,8 @@ CPU_ATTN registers ``[B, H, N, 2*D]`` tensors (LBHNC) but the kernel re-packs ea
 (block, head) as a K tile then a V tile in an ISA-specific order (vec, vec16, amx,
 neon, ...). The bytes have no per-token meaning, so a page is moved as whole
 (block, head) units, and only between hosts that pack with the same ISA: the ISA
-is part of the signature both sides compare at handshake.
+is part of the signature both sides compare at handshake, and a mismatch is refused there
+with an error naming both ISAs. The heads dim is split over TP (whole head tiles move).
 """
 
 from __future__ import annotations
@@ -12,17 +13,25 @@ from __future__ import annotations
 from llumnix_kv_core.errors import LayoutError
 from llumnix_kv_core.interfaces.layout import LayoutParser
 from llumnix_kv_core.layout import CacheGroupDescription
+from llumnix_kv_core.layout import Dim
 from llumnix_kv_core.layout import KVLayout
+from llumnix_kv_core.layout import Region
+from llumnix_kv_core.layout import Shard
 from llumnix_kv_core.layout import TensorLayout
+from llumnix_kv_core.layout import heads_shard
+from llumnix_kv_core.layout import layout_signature
 from llumnix_kv_core.layout import tensor_layout_from_bhnc
 
 
-def _per_head_units(t: TensorLayout, head_stride: int) -> TensorLayout:
+def _per_head_units(t: TensorLayout, head_stride: int, shard: Shard) -> TensorLayout:
     heads, tokens, content = t.logical
     unit = tokens * content
     offsets = tuple(h * head_stride for h in range(heads))
     extent = (t.num_blocks - 1) * t.block_stride + offsets[-1] + unit if t.num_blocks else 0
-    return TensorLayout(t.name, t.addr, t.num_blocks, t.block_stride, offsets, unit, extent, t.logical, t.order)
+    # One opaque tile per (block, head): its bytes have no per-token meaning.
+    region = Region("packed", 0, 1, (Dim("H", heads, head_stride), Dim("X", unit, 1)), shard)
+    return TensorLayout(t.name, t.addr, t.num_blocks, t.block_stride, offsets, unit, extent, t.logical, t.order,
+                        (region,))
 
 
 class CpuAttnParser(LayoutParser):
@@ -42,13 +51,7 @@ class CpuAttnParser(LayoutParser):
             if d.strides[2] * tokens != d.strides[1] and heads > 1:
                 msg = f"CPU_ATTN tensor {d.name!r} is not head-major (LBHNC); got strides {d.strides}"
                 raise LayoutError(msg)
-            tensors.append(_per_head_units(t, d.strides[1]))
-        signature = {
-            "parser": self.name,
-            "kind": desc.kind,
-            "isa": isa,
-            "dtype": desc.dtype,
-            "block_size": desc.block_size,
-            "page": [list(t.logical) for t in tensors[:1]],
-        }
+            tensors.append(_per_head_units(t, d.strides[1], heads_shard(desc, heads)))
+        signature = layout_signature(desc.kind, "cpu-packed", desc.dtype, desc.block_size, isa=isa,
+                                     head_size=desc.extra.get("head_size"))
         return KVLayout(self.name, desc.group_id, desc.kind, desc.block_size, tuple(tensors), signature)

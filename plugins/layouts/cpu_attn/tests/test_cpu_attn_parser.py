@@ -48,8 +48,10 @@ def test_emits_one_unit_per_head():
         assert t.unit_bytes == N * CELL
         assert (t.num_blocks, t.block_stride, t.logical) == (B, PAGE, (H, N, CELL))
         assert t.extent == B * PAGE
-    assert dict(lay.signature) == {"parser": "cpu_attn", "kind": "attention", "isa": "vec16",
-                                   "dtype": "torch.bfloat16", "block_size": N, "page": [[H, N, CELL]]}
+    assert dict(lay.signature) == {"kind": "attention", "content": "cpu-packed", "isa": "vec16",
+                                   "dtype": "torch.bfloat16", "block_size": N, "head_size": D}
+    (region,) = lay.tensors[0].regions  # one opaque tile per head, heads split over TP
+    assert (region.name, [d.name for d in region.dims], region.shard.groups) == ("packed", ["H", "X"], (H,))
 
 
 def test_padded_blocks():
@@ -80,7 +82,7 @@ def test_declines_other_groups(change):
 def test_different_isas_are_incompatible():
     amx = CpuAttnParser().parse(describe(isa="amx"))
     vec = CpuAttnParser().parse(describe(isa="vec"))
-    with pytest.raises(IncompatiblePeerError, match=r"isa: here='amx' peer='vec'"):
+    with pytest.raises(IncompatiblePeerError, match=r"isa: here='amx' peer='vec'.*packed for the CPU's instruction"):
         check_compatible(amx.signature, vec.signature)
     check_compatible(amx.signature, CpuAttnParser().parse(describe(isa="amx", addr=5 << 30)).signature)
 

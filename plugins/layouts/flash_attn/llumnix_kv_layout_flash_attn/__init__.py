@@ -1,1 +1,1 @@
-"""Standard paged-attention pages (vLLM FLASH_ATTN / TRITON_ATTN / FLEX_ATTENTION): fused K|V per cell."""
+"""Standard paged-attention pages (vLLM FLASH_ATTN / TRITON_ATTN / FLEX_ATTENTION, SGLang MHA): K|V per cell."""

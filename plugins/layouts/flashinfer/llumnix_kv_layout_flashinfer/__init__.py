@@ -1,0 +1,1 @@
+"""FlashInfer paged KV (vLLM FLASHINFER, SGLang HND pools): NHD or HND pages, heads split over TP."""

@@ -1,0 +1,1 @@
+"""MLA latent caches (vLLM MLA backends incl. CPU_MLA, SGLang MLATokenToKVPool): replicated over TP."""
