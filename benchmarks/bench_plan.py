@@ -14,6 +14,8 @@ block range that all layers of that geometry share; both are timed, and the per-
 (a plan per layer, as if geometries differed) too. Goal: compile <= 1 ms per 1,000 blocks.
 
 Usage: python benchmarks/bench_plan.py [--out benchmarks/results/plan.json]
+(with the native module built; ``LLUMNIX_KV_NATIVE=0 ... --out benchmarks/results/plan-numpy.json``
+measures the NumPy fallback).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ import numpy as np
 from llumnix_kv_core.layout import Shard
 from llumnix_kv_core.layout import TensorDescription
 from llumnix_kv_core.layout import tensor_layout_from_bhnc
+import llumnix_kv_core.plan as plan_mod
 from llumnix_kv_core.plan import _compile_cached
 from llumnix_kv_core.plan import compile_template
 from llumnix_kv_core.plan import plan_tensor
@@ -107,6 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     uname = platform.uname()
     out = {
         "benchmark": "plan compiler",
+        "implementation": plan_mod.implementation,  # per-request stage: "native" (C++) or "numpy"
         "model": {"layers": LAYERS, "kv_heads": HEADS, "head_size": HEAD, "block_size": BLOCK, "dtype": "bf16"},
         "machine": {"system": uname.system, "release": uname.release, "machine": uname.machine,
                     "processor": platform.processor() or uname.machine, "cpus": os.cpu_count(),
@@ -121,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         print(" | ".join(str(x) for x in (r["case"], r["tokens"], r["blocks_per_layer"], r["segments_per_layer"],
                                           r["segments_per_block"], r["request_compile_ms"], r["per_layer_plan_ms"],
                                           r["per_layer_plan_ms_per_1000_blocks"])))
-    print(f"wrote {args.out}")
+    print(f"per-request stage: {plan_mod.implementation}; wrote {args.out}")
     return 0
 
 

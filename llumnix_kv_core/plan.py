@@ -11,8 +11,10 @@ Compilation has two stages:
    is one run per token. Dims in a different memory order on the two sides (NHD vs HND,
    conv state SD vs DS) become one run per element group: the permutation happens during
    the copy.
-2. :func:`plan_tensor`, per request: the template broadcast over the block pairs
-   (NumPy, no Python loop per block or token), then adjacent runs merged across blocks.
+2. :func:`plan_tensor`, per request: the template broadcast over the block pairs, then
+   adjacent runs merged across blocks. This runs in C++ (``llumnix_kv_core._native.plan_segments``)
+   when the native module is built, else in NumPy (no Python loop per block or token); both give
+   the same segments. ``LLUMNIX_KV_NATIVE=0`` forces NumPy.
 
 Tensor parallelism (one dim divides the other, see :func:`tp_sources`): decode rank ``d``
 pulls from the prefill ranks ``tp_sources(d)``; of data held by several of them
@@ -23,6 +25,8 @@ sends, the others contribute nothing for that region.
 from __future__ import annotations
 
 import functools
+import importlib
+import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -264,6 +268,30 @@ def _compile_cached(skey, dkey, src_rank, src_tp, dst_rank, dst_tp, name) -> Tem
 
 # -- per request ------------------------------------------------------------------------------------
 
+def _load_native():
+    if os.environ.get("LLUMNIX_KV_NATIVE", "").strip().lower() in ("0", "false", "no", "off"):
+        return None
+    try:
+        module = importlib.import_module("llumnix_kv_core._native")
+    except ImportError:
+        return None
+    return getattr(module, "plan_segments", None)
+
+
+_native_plan = _load_native()
+implementation = "native" if _native_plan is not None else "numpy"
+
+
+def plan_tensor_numpy(tpl: Template, src: TensorLayout, sb: np.ndarray, dst: TensorLayout,
+                      db: np.ndarray) -> SegmentPlan:
+    """The NumPy path of :func:`plan_tensor` (block ids already checked)."""
+    s = (sb[:, None] * src.block_stride + tpl.src_offsets[None, :]).reshape(-1)
+    d = (db[:, None] * dst.block_stride + tpl.dst_offsets[None, :]).reshape(-1)
+    n = np.broadcast_to(tpl.lengths[None, :], (len(sb), len(tpl))).reshape(-1)
+    s, d, n = _coalesce(s, d, n)
+    return SegmentPlan(s.astype(np.uint64), d.astype(np.uint64), n.astype(np.uint64))
+
+
 def plan_tensor(tpl: Template, src: TensorLayout, src_blocks: Sequence[int] | np.ndarray, dst: TensorLayout,
                 dst_blocks: Sequence[int] | np.ndarray) -> SegmentPlan:
     """Coalesced segments moving ``src_blocks[i]`` of ``src`` into ``dst_blocks[i]`` of ``dst`` with ``tpl``.
@@ -282,8 +310,8 @@ def plan_tensor(tpl: Template, src: TensorLayout, src_blocks: Sequence[int] | np
     if len(tpl) == 0 or len(sb) == 0:
         empty = np.zeros(0, dtype=np.uint64)
         return SegmentPlan(empty, empty, empty)
-    s = (sb[:, None] * src.block_stride + tpl.src_offsets[None, :]).reshape(-1)
-    d = (db[:, None] * dst.block_stride + tpl.dst_offsets[None, :]).reshape(-1)
-    n = np.broadcast_to(tpl.lengths[None, :], (len(sb), len(tpl))).reshape(-1)
-    s, d, n = _coalesce(s, d, n)
-    return SegmentPlan(s.astype(np.uint64), d.astype(np.uint64), n.astype(np.uint64))
+    if _native_plan is not None:
+        s, d, n = _native_plan(sb, db, src.block_stride, dst.block_stride, src.num_blocks, dst.num_blocks,
+                               tpl.src_offsets, tpl.dst_offsets, tpl.lengths)
+        return SegmentPlan(s, d, n)
+    return plan_tensor_numpy(tpl, src, sb, dst, db)

@@ -151,3 +151,44 @@ def test_mismatches_are_refused_with_both_values():
         compile_template(a, c)
     with pytest.raises(LayoutError, match=r"source block id out of range"):
         plan_tensor(compile_template(a, a), a, [4], a, [0])
+
+
+# -- native (C++) per-request stage vs the NumPy path ------------------------------------------------
+
+@pytest.mark.skipif(__import__("llumnix_kv_core.plan", fromlist=["x"]).implementation != "native",
+                    reason="llumnix_kv_core._native (with plan_segments) is not built")
+@settings(max_examples=200, deadline=None)
+@given(st.data())
+def test_native_plan_equals_numpy(data):
+    import llumnix_kv_core.plan as plan_mod
+
+    so, do = data.draw(st.sampled_from(ORDERS)), data.draw(st.sampled_from(ORDERS))
+    tp_p, tp_d = data.draw(st.sampled_from(TP_PAIRS))
+    heads = data.draw(st.sampled_from([1, 2, 4, 8]))
+    pads = (data.draw(st.sampled_from([0, 8])), data.draw(st.sampled_from([0, 8])))
+    p = Rank(so, 12, max(heads // tp_p, 1), 4, 8, heads, pads[0], 1).layout
+    d = Rank(do, 12, max(heads // tp_d, 1), 4, 8, heads, pads[1], 2).layout
+    k = data.draw(st.integers(0, 12))
+    sb = np.asarray(data.draw(st.lists(st.integers(0, 11), min_size=k, max_size=k)), dtype=np.int64)
+    db = np.asarray(data.draw(st.permutations(range(12)))[:k], dtype=np.int64)
+    src_rank = data.draw(st.sampled_from(tp_sources(0, tp_d, tp_p)))
+    tpl = compile_template(p, d, src_rank, tp_p, 0, tp_d)
+    native = plan_tensor(tpl, p, sb, d, db)
+    ref = plan_mod.plan_tensor_numpy(tpl, p, sb, d, db) if len(tpl) and k else native
+    for a, b in ((native.src_offsets, ref.src_offsets), (native.dst_offsets, ref.dst_offsets),
+                 (native.lengths, ref.lengths)):
+        assert a.dtype == np.uint64
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.skipif(__import__("llumnix_kv_core.plan", fromlist=["x"]).implementation != "native",
+                    reason="llumnix_kv_core._native (with plan_segments) is not built")
+def test_native_plan_checks_block_ids():
+    a = Rank("LBNHC", 4, 2, 4, 8, 2, 0, 1).layout
+    with pytest.raises(LayoutError, match=r"destination block id out of range"):
+        plan_tensor(compile_template(a, a), a, [0], a, [7])
+    import llumnix_kv_core._native as nat
+
+    with pytest.raises(ValueError, match=r"source block id 9 at index 1 is out of range \[0, 4\)"):
+        nat.plan_segments(np.array([0, 9]), np.array([0, 1]), 64, 64, 4, 4, np.array([0]), np.array([0]),
+                          np.array([64]))

@@ -9,6 +9,7 @@
 #include <vector>
 
 #include "common.h"
+#include "plan_bindings.h"
 #include "llumnix_kv/copy.h"
 #include "llumnix_kv/errors.h"
 #include "llumnix_kv/segments.h"
@@ -157,6 +158,7 @@ PYBIND11_MODULE(_native, m) {
         "Read exactly sum(lengths) bytes from fd into the segments in order. Returns bytes read.\n\n"
         "timeout_s bounds each wait for progress (None: no limit). Raises TimeoutError,\n"
         "ConnectionError (end of stream before all bytes) or OSError. Releases the GIL.");
+  llumnix_kv::bindings::bind_plan(m);
   m.def(
       "capabilities", [] { return std::vector<std::string>{"cpu_copy", "socket_io", "threaded_copy"}; },
       "Features this build provides.");
