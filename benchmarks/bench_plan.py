@@ -29,10 +29,10 @@ from pathlib import Path
 
 import numpy as np
 
+import llumnix_kv_core.plan as plan_mod
 from llumnix_kv_core.layout import Shard
 from llumnix_kv_core.layout import TensorDescription
 from llumnix_kv_core.layout import tensor_layout_from_bhnc
-import llumnix_kv_core.plan as plan_mod
 from llumnix_kv_core.plan import _compile_cached
 from llumnix_kv_core.plan import compile_template
 from llumnix_kv_core.plan import plan_tensor
