@@ -1,4 +1,4 @@
-"""``llumnix-kv`` command line: ``plugins`` (what is installed and usable) and ``demo``."""
+"""``llumnix-kv`` command line: ``plugins`` (what is installed and usable), ``demo`` and ``bench``."""
 
 from __future__ import annotations
 
@@ -41,6 +41,12 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return int(getattr(importlib.import_module(module), func)(args.rest) or 0)
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from llumnix_kv_core.bench import main as bench_main
+
+    return bench_main(args.rest)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="llumnix-kv", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -52,8 +58,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                        "other options go to the engine's demo (llumnix-kv demo --help-demo)")
     d.add_argument("--engine", default="vllm")
     d.set_defaults(func=cmd_demo)
+    b = sub.add_parser("bench", add_help=False, help="transfer rates of scattered KV blocks against ceilings measured "
+                       "in the same run (llumnix-kv bench --help)")
+    b.set_defaults(func=cmd_bench)
     args, rest = parser.parse_known_args(argv)
-    if rest and args.command != "demo":
+    if rest and args.command not in ("demo", "bench"):
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     args.rest = [a for a in rest if a != "--"]
     try:

@@ -109,7 +109,9 @@ PYBIND11_MODULE(_native_cuda, m) {
   m.def("event_create", &kc::event_create, "A new event (timing disabled).", nogil());
   m.def("event_destroy", &kc::event_destroy, nogil(), py::arg("event"));
   m.def("event_record", &kc::event_record, nogil(), py::arg("event"),
-        py::arg("stream") = 0);
+        py::arg("stream") = 0,
+        "Record `event` on `stream`; inside a stream capture it becomes an event-record node of the graph\n"
+        "(recorded at every replay), so streams outside the graph can wait for it.");
   m.def("stream_wait_event", &kc::stream_wait_event,
         nogil(), py::arg("stream"), py::arg("event"));
   m.def("event_synchronize", &kc::event_synchronize, nogil(), py::arg("event"));

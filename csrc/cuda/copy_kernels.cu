@@ -36,7 +36,8 @@ struct alignas(16) SegmentDesc {
 #ifndef LLUMNIX_KV_COPY_THREADS
 #define LLUMNIX_KV_COPY_THREADS 256
 #endif
-// Threads per CTA, and CTAs per SM so that an SM holds 2048 threads.
+// Threads per CTA, and at most this many CTAs per SM (2048 threads); the grid is sized to the
+// CTAs that are resident at once (see resident_ctas), so that no CTA waits for a second wave.
 constexpr int kThreads = LLUMNIX_KV_COPY_THREADS;
 constexpr int kCtasPerSm = 2048 / kThreads;
 constexpr int kUnroll = 4;
@@ -135,6 +136,20 @@ int sm_count(int device) {
   if (sms <= 0) sms = 1;
   cache.emplace(device, sms);
   return sms;
+}
+
+// CTAs of the copy kernel resident on one SM of `device` (its registers limit it below kCtasPerSm).
+int resident_ctas(int device) {
+  static std::mutex mu;
+  static std::map<int, int> cache;
+  std::lock_guard<std::mutex> lock(mu);
+  auto it = cache.find(device);
+  if (it != cache.end()) return it->second;
+  int n = 0;
+  LLUMNIX_CUDA_CHECK(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&n, copy_segments_kernel, kThreads, 0));
+  n = std::max(1, std::min(n, kCtasPerSm));
+  cache.emplace(device, n);
+  return n;
 }
 
 // Per (device, stream): a device buffer for descriptor tables and a ring of
@@ -251,7 +266,7 @@ void copy_segments(const std::uint64_t* src, const std::uint64_t* dst, const std
 
   int device = 0;
   LLUMNIX_CUDA_CHECK(cudaGetDevice(&device));
-  const std::uint64_t max_ctas = static_cast<std::uint64_t>(sm_count(device)) * kCtasPerSm;
+  const std::uint64_t max_ctas = static_cast<std::uint64_t>(sm_count(device)) * resident_ctas(device);
 
   // Two to four chunks per CTA for balance: a power of two in 16 KiB .. 4 MiB
   // (so chunk offsets keep 16-byte alignment and need no division).

@@ -114,7 +114,16 @@ std::uintptr_t event_create() {
 void event_destroy(std::uintptr_t event) { LLUMNIX_CUDA_CHECK(cudaEventDestroy(as_event(event))); }
 
 void event_record(std::uintptr_t event, std::uintptr_t stream) {
-  LLUMNIX_CUDA_CHECK(cudaEventRecord(as_event(event), as_stream(stream)));
+  // Inside a stream capture a plain record only orders work within the graph; an external
+  // record becomes a graph node that records the event at every replay, which is what a
+  // waiter outside the graph (a transfer stream) needs.
+  cudaStreamCaptureStatus capture = cudaStreamCaptureStatusNone;
+  LLUMNIX_CUDA_CHECK(cudaStreamIsCapturing(as_stream(stream), &capture));
+  if (capture == cudaStreamCaptureStatusActive) {
+    LLUMNIX_CUDA_CHECK(cudaEventRecordWithFlags(as_event(event), as_stream(stream), cudaEventRecordExternal));
+  } else {
+    LLUMNIX_CUDA_CHECK(cudaEventRecord(as_event(event), as_stream(stream)));
+  }
 }
 
 void stream_wait_event(std::uintptr_t stream, std::uintptr_t event) {

@@ -110,6 +110,7 @@ class KVSender:
         self._released: set[str] = set()
         self._cancelled_early: dict[str, float] = {}  # cancelled before this side opened them
         self._stopped = False
+        self._ready_events: dict[str, int] = {}  # layer -> CUDA event recorded after its latest writes
         self.bytes_sent = 0
         self._planner = threading.Thread(target=self._plan_loop, name="llumnix-kv-planner", daemon=True)
         self._planner.start()
@@ -132,8 +133,15 @@ class KVSender:
                     t.blocks[g] = list(b)
             self._lock.notify_all()
 
-    def layer_ready(self, tid: str, layer: str, lo: int, hi: int) -> None:
+    def layer_ready(self, tid: str, layer: str, lo: int, hi: int, ready_event: int | None = None) -> None:
+        """Block positions [lo, hi) of ``layer`` are computed.
+
+        ``ready_event``: a CUDA event recorded on the forward stream after the layer's writes (GPU
+        caches). The transport makes the copy wait for it on the GPU; the caller never blocks.
+        """
         with self._lock:
+            if ready_event is not None:
+                self._ready_events[layer] = ready_event
             t = self._transfers.get(tid)
             if t is not None and t.state == "open":
                 self._add_unit(t, layer, lo, hi)
@@ -381,33 +389,36 @@ class KVSender:
                 continue  # this rank holds nothing this receiver needs (e.g. a replicated latent)
             src_addrs = seg.src_offsets + np.uint64(src.tensor.addr)
             regions = np.full(len(seg.lengths), dst.region_id, dtype=np.uint64)
-            jobs.append((src.region_id, src_addrs, regions, seg.dst_offsets, seg.lengths, dst.region_id))
+            jobs.append((src.region_id, src_addrs, regions, seg.dst_offsets, seg.lengths, dst.region_id,
+                         self._ready_events.get(layer)))
         with self._lock:
             if t.state != "open":
                 return
             chans = sorted(peer.queues)
             if not chans:
                 return
-            for region, src_addrs, regions, offs, lens, dst_region in jobs:
+            for region, src_addrs, regions, offs, lens, dst_region, event in jobs:
                 index = chans[region % len(chans)]
                 t.outstanding += 1
                 a.frames += 1
                 t.frames += 1
                 a.planned_bytes += int(lens.sum())
-                peer.queues[index].put(self._data_job(t, peer, index, dst_region, src_addrs, regions, offs, lens))
+                peer.queues[index].put(self._data_job(t, peer, index, dst_region, src_addrs, regions, offs, lens,
+                                                      event))
             if finish and a.planned == len(t.units):
                 a.done_queued = True
                 t.outstanding += 1
                 peer.queues[chans[0]].put(self._done_job(t, a, chans[0]))
 
-    def _data_job(self, t, peer, index, layer, src, regions, offs, lens) -> Callable[[], None]:
+    def _data_job(self, t, peer, index, layer, src, regions, offs, lens, event=None) -> Callable[[], None]:
         def run() -> None:
             chan = peer.channels.get(index)
             try:
                 if chan is None or t.state != "open":
                     msg = "connection to the decode instance is closed"
                     raise ConnectionError(msg)
-                n = chan.send_data(t.tid, layer, src, regions, offs, lens)
+                ready = {} if event is None else {"ready_event": event}
+                n = chan.send_data(t.tid, layer, src, regions, offs, lens, **ready)
             except BaseException as exc:
                 self._job_done(t, 0, exc)
                 return

@@ -78,12 +78,15 @@ class Channel(abc.ABC):
         dst_regions: np.ndarray,
         dst_offsets: np.ndarray,
         lengths: np.ndarray,
+        ready_event: int | None = None,
     ) -> int:
         """Send local segments ``src_addrs[i]`` (``lengths[i]`` bytes) to be written at
         ``dst_offsets[i]`` of the peer's registered region ``dst_regions[i]``.
 
         Blocks until the bytes are handed to the link; returns bytes sent. No Python
-        loop per segment.
+        loop per segment. ``ready_event`` (a CUDA event handle, GPU sources) must complete
+        before the sources are read: a GPU path waits for it on its own stream, a host path
+        synchronises it first. The agent passes it only when one was given.
         """
 
     @property

@@ -65,7 +65,7 @@ F_XPORT = 1 << 2
 _EMPTY = np.zeros(0, dtype=np.uint64)
 _ZERO_TID = bytes(16)
 _JOIN_S = 10.0
-_SPIN_S = 200e-6  # busy-poll a GPU event this long before sleeping between polls
+_SPIN_S = 5e-3  # busy-poll a GPU event (GIL released per query) this long before sleeping between polls
 
 
 class _PeerClosed(Exception):

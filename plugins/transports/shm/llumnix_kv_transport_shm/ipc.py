@@ -130,6 +130,11 @@ def peer_addresses(table: PeerTable, mappings: IpcMappings, device: int) -> np.n
         if table.kind[rid] != 2:
             continue
         if table.pid == os.getpid():  # same process: CUDA refuses to open our own handle, use the pointer
+            peer_device = device_index(str(e["device"]))
+            if peer_device is not None and peer_device != device:
+                cuda = _cuda()
+                cuda.set_device(device)
+                cuda.device_enable_peer_access(peer_device)
             bases[rid] = int(e["addr"])
         else:
             bases[rid] = mappings.base_of(str(e["handle"]), device) + int(e["offset"])

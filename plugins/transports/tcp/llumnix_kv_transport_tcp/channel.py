@@ -191,8 +191,14 @@ class TcpChannel(Channel):
         dst_regions: np.ndarray,
         dst_offsets: np.ndarray,
         lengths: np.ndarray,
+        ready_event: int | None = None,
     ) -> int:
-        """Send one DATA frame; returns the payload bytes sent (the sum of ``lengths``)."""
+        """Send one DATA frame; returns the payload bytes sent (the sum of ``lengths``).
+
+        ``ready_event`` (a CUDA event handle) is synchronised before the sources are read.
+        """
+        if ready_event is not None:
+            native.cuda().event_synchronize(ready_event)
         src = _u64(src_addrs, "src_addrs")
         lens = _u64(lengths, "lengths")
         n = len(lens)
