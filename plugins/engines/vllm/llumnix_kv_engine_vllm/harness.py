@@ -138,8 +138,9 @@ class EngineProcess:
         ctx = mp.get_context("spawn")
         self.name = name
         self._conn, child = ctx.Pipe()
+        # With TP > 1 the engine starts worker processes of its own: a daemonic process may not.
         self._proc = ctx.Process(target=_engine_main, args=(child, str(model), kv, llm_kwargs), name=name,
-                                 daemon=True)
+                                 daemon=int(llm_kwargs.get("tensor_parallel_size", 1)) == 1)
         self._proc.start()
 
     def wait_ready(self, timeout_s: float = 300) -> EngineProcess:

@@ -93,13 +93,23 @@ MAX_TOKENS = 8
 
 @pytest.fixture(scope="module", params=sorted(CONFIGS))
 def cluster(request, tmp_path_factory: pytest.TempPathFactory):
+    """P and D only: the colocated reference is P itself serving plain requests (after the PD run)."""
     from llumnix_kv_engine_vllm.demo import PDCluster
+    from llumnix_kv_engine_vllm.demo import free_port
+    from llumnix_kv_engine_vllm.harness import EngineProcess
+    from llumnix_kv_engine_vllm.harness import kv_config
     from llumnix_kv_engine_vllm.harness import write_model
 
     model = write_model(tmp_path_factory.mktemp("model") / request.param, CONFIGS[request.param])
-    c = PDCluster.start(model)
+    port = free_port()
+    p = EngineProcess("prefill", model, kv_config("kv_producer", port=port))
+    d = EngineProcess("decode", model, kv_config("kv_consumer"))
+    for e in (p, d):
+        e.wait_ready()
+    c = PDCluster(p, d, p, f"127.0.0.1:{port}")
     yield request.param, c
-    c.close()
+    p.close()
+    d.close()
 
 
 def test_pd_token_identical(cluster) -> None:
@@ -107,11 +117,11 @@ def test_pd_token_identical(cluster) -> None:
 
     name, c = cluster
     prompts = make_prompts(LENGTHS[name], seed=7)
-    base = c.baseline.generate(prompts, max_tokens=MAX_TOKENS)
     before = c.decode.call("stats")
     p_out, d_out = c.run_p_then_d(prompts, MAX_TOKENS)
     assert all(len(p.token_ids) == 1 for p in p_out)
     after = c.decode.call("stats")
+    base = c.baseline.generate(prompts, max_tokens=MAX_TOKENS)
     assert after["errors"] == before["errors"], after["errors"]
     for prompt, d, b in zip(prompts, d_out, base):
         assert d.token_ids == b.token_ids, f"{name}: prompt of {len(prompt)} tokens decoded differently"
@@ -134,8 +144,8 @@ def test_concurrent_dispatch(cluster) -> None:
 
     name, c = cluster
     prompts = make_prompts(LENGTHS[name][::-1], seed=8)
-    base = c.baseline.generate(prompts, max_tokens=MAX_TOKENS)
     _p_out, d_out = c.run_concurrent(prompts, MAX_TOKENS)
+    base = c.baseline.generate(prompts, max_tokens=MAX_TOKENS)
     for prompt, d, b in zip(prompts, d_out, base):
         assert d.token_ids == b.token_ids, f"{name}: prompt of {len(prompt)} tokens decoded differently"
     held = c.drain()
