@@ -137,7 +137,8 @@ class KVSender:
         """Block positions [lo, hi) of ``layer`` are computed.
 
         ``ready_event``: a CUDA event recorded on the forward stream after the layer's writes (GPU
-        caches). The transport makes the copy wait for it on the GPU; the caller never blocks.
+        caches). The transport makes the copy wait for it on the GPU; the caller never blocks. An
+        empty range (``hi <= lo``) only replaces the layer's event.
         """
         with self._lock:
             if ready_event is not None:

@@ -20,6 +20,7 @@ from llumnix_kv_core.layout import signature_hash
 from llumnix_kv_core.manager import get_registry
 from llumnix_kv_engine_vllm.describe import describe_groups
 from llumnix_kv_engine_vllm.describe import engine_signature
+from llumnix_kv_engine_vllm.gpu_events import LayerEvents
 from llumnix_kv_engine_vllm.metadata import LlumnixConnectorMetadata
 from llumnix_kv_engine_vllm.metadata import LlumnixHandshakeMetadata
 from llumnix_kv_engine_vllm.metadata import LoadTask
@@ -40,6 +41,7 @@ class WorkerSide:
         self.options = options
         self.rank = rank
         self.agent: KVAgent | None = None
+        self._events: LayerEvents | None = None  # GPU caches: per-layer readiness events
         self.block_sizes: dict[int, int] = {
             g: grp.kv_cache_spec.block_size for g, grp in enumerate(kv_cache_config.kv_cache_groups)
         }
@@ -62,10 +64,17 @@ class WorkerSide:
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         registry = get_registry()
         devices = {t.device.type for t in kv_caches.values()}
-        if devices != {"cpu"}:
+        kinds = registry.transport(self.options["transport"]).memory_kinds
+        if devices != {"cpu"} and not (devices == {"cuda"} and "cuda" in kinds):
             msg = (f"KV caches live on {sorted(devices)}; the {self.options['transport']!r} transport moves "
-                   "host memory only. Use a transport that supports device memory.")
+                   f"{' and '.join(kinds)} memory only. Use a transport that supports device memory "
+                   "(e.g. shm between GPUs of one host).")
             raise LayoutError(msg)
+        device = "cpu"
+        if devices == {"cuda"}:
+            index = next(iter(kv_caches.values())).device.index or 0
+            device = f"cuda:{index}"
+            self._events = LayerEvents(list(kv_caches), index)
         layouts = [registry.parse_layout(d) for d in describe_groups(self.vllm_config, self.kv_cache_config,
                                                                       kv_caches)]
         for lay in layouts:
@@ -83,7 +92,7 @@ class WorkerSide:
             extra=tuple(sorted((self.options.get("transport_options") or {}).items())),
         )
         self.agent = KVAgent(provider.factory(cfg), layouts, signature,
-                             timeout_s=float(self.options.get("transfer_timeout_s", 60.0)),
+                             timeout_s=float(self.options.get("transfer_timeout_s", 60.0)), device=device,
                              tp_rank=self.rank, tp_size=self.vllm_config.parallel_config.tensor_parallel_size)
         if self.vllm_config.kv_transfer_config.is_kv_producer:
             port = int(self.options.get("port", 0))
@@ -142,14 +151,22 @@ class WorkerSide:
 
     def save_layer(self, layer_name: str) -> None:
         group = self._layer_group.get(layer_name)
-        if group is None or self.agent is None or group in self._state_groups:
+        if group is None or self.agent is None or group in self._state_groups or not self._step_saves:
             return
+        event = self._events.record_layer(layer_name) if self._events is not None else None
         for s in self._step_saves:
             lo = s.computed_before // self.block_sizes[group]
-            self.agent.sender.layer_ready(s.transfer_id, layer_name, lo, self._positions(group, s.computed_after))
+            self.agent.sender.layer_ready(s.transfer_id, layer_name, lo, self._positions(group, s.computed_after),
+                                          ready_event=event)
 
     def end_step(self) -> None:
         assert self.agent is not None
+        if self._events is not None and self._step_saves:
+            # Layers without a hook this step (state groups, full CUDA graphs) wait for the whole step.
+            step, missing = self._events.end_step()
+            for s in self._step_saves:
+                for name in missing:
+                    self.agent.sender.layer_ready(s.transfer_id, name, 0, 0, ready_event=step)
         for s in self._step_saves:
             if s.computed_after >= s.prompt_len:
                 # Mamba/GDN layers have no per-layer hooks: their final state moves now, once.
@@ -196,3 +213,6 @@ class WorkerSide:
         if self.agent is not None:
             self.agent.close()
             self.agent = None
+        if self._events is not None:
+            self._events.close()
+            self._events = None
