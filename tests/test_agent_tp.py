@@ -157,5 +157,7 @@ def test_unsupported_tp_pair_is_refused_naming_both(make_agent):
     tid = new_transfer_id()
     for a, c in zip(pa, p):
         send(a, c, tid, [0])
-    with pytest.raises(Exception, match=r"prefill=2 decode=3"):
-        da3.receiver.start(tid, [a.address for a in pa], {0: [0]}, {0: 0})
+    da3.receiver.start(tid, [a.address for a in pa], {0: [0]}, {0: 0})  # never raises into the engine
+    state, why = wait_transfer(da3, tid)
+    assert state == "failed"
+    assert "tensor-parallel sizes prefill=2 decode=3 are not supported" in why

@@ -20,6 +20,7 @@ from dataclasses import field
 from typing import Any
 
 from llumnix_kv_core.agent.layers import LayerTable
+from llumnix_kv_core.errors import IncompatiblePeerError
 from llumnix_kv_core.errors import TransferError
 from llumnix_kv_core.interfaces.transport import Channel
 from llumnix_kv_core.interfaces.transport import Peer
@@ -101,14 +102,21 @@ class KVReceiver:
         (rank order): this rank pulls from those :func:`~llumnix_kv_core.plan.tp_sources` names.
         """
         addresses = [address] if isinstance(address, str) else list(address)
-        sources = [addresses[p] for p in tp_sources(self.tp_rank, self.tp_size, len(addresses))]
+        try:
+            sources = [addresses[p] for p in tp_sources(self.tp_rank, self.tp_size, len(addresses))]
+            refused = ""
+        except IncompatiblePeerError as exc:  # reported through poll(), like any failed load
+            sources, refused = [], str(exc)
         t = RecvTransfer(tid, sources, blocks, start)
+        if refused:
+            t.state, t.error = "failed", refused
         with self._lock:
             if tid in self._transfers:
                 msg = f"transfer {tid} is already being received"
                 raise TransferError(msg)
             self._transfers[tid] = t
-        self._jobs.put(t)
+        if not refused:
+            self._jobs.put(t)
 
     def cancel(self, tid: str) -> None:
         with self._lock:
