@@ -139,14 +139,14 @@ def _region_pieces(src: Region, dst: Region, ranks: tuple[int, int, int, int], l
     ddims = {d.name: d for d in dst.dims}
     if src.itemsize != dst.itemsize or set(sdims) != set(ddims) or (src.shard is None) != (dst.shard is None) or (
             src.shard is not None and src.shard != dst.shard):
-        msg = (f"layer {layer!r} region {src.name!r}: source has element size {src.itemsize}, dims "
+        msg = (f"layer {layer} region {src.name!r}: source has element size {src.itemsize}, dims "
                f"{[(d.name, d.size) for d in src.dims]}, shard {src.shard}; destination has element size "
                f"{dst.itemsize}, dims {[(d.name, d.size) for d in dst.dims]}, shard {dst.shard}")
         raise IncompatiblePeerError(msg)
     sharded = src.shard.dim if src.shard is not None else None
     for name, d in sdims.items():
         if name != sharded and d.size != ddims[name].size:
-            msg = (f"layer {layer!r} region {src.name!r}: dim {name} has {d.size} elements on the source and "
+            msg = (f"layer {layer} region {src.name!r}: dim {name} has {d.size} elements on the source and "
                    f"{ddims[name].size} on the destination")
             raise IncompatiblePeerError(msg)
     sources = tp_sources(dst_rank, dst_tp, src_tp)
@@ -202,7 +202,7 @@ def _runs(src: Region, dst: Region, sbase: int, dbase: int, counts: dict[str, in
 
 def _legacy_template(src: TensorLayout, dst: TensorLayout) -> Template:
     if src.geometry() != dst.geometry():
-        msg = (f"layer {src.name!r}: block geometry differs (source {src.geometry()}, destination "
+        msg = (f"layer {src.name}: block geometry differs (source {src.geometry()}, destination "
                f"{dst.geometry()}); both sides need the same layout for a direct copy")
         raise IncompatiblePeerError(msg)
     su = np.asarray(src.unit_offsets, dtype=np.int64)
@@ -217,7 +217,15 @@ def compile_template(src: TensorLayout, dst: TensorLayout, src_rank: int = 0, sr
     Raises IncompatiblePeerError (naming both sides' values) when the two layouts do not hold
     the same data, or when this TP pair is not supported.
     """
-    return _compile_cached(_key(src), _key(dst), src_rank, src_tp, dst_rank, dst_tp, src.name)
+    # Cached per pair of geometries, not per layer: every layer of one geometry gets the same
+    # Template object, so a sender plans a block range once for all of them.
+    try:
+        return _compile_cached(_key(src), _key(dst), src_rank, src_tp, dst_rank, dst_tp, _LAYER)
+    except (IncompatiblePeerError, LayoutError) as exc:
+        raise type(exc)(str(exc).replace(_LAYER, repr(src.name))) from None
+
+
+_LAYER = "\x00layer\x00"  # stands for the layer name in messages of the shared (cached) compilation
 
 
 def _key(t: TensorLayout):
@@ -230,7 +238,7 @@ def _compile_cached(skey, dkey, src_rank, src_tp, dst_rank, dst_tp, name) -> Tem
     check_tp(src_tp, dst_tp)
     if not sregions or not dregions:
         if src_tp != 1 or dst_tp != 1:
-            msg = f"layer {name!r}: a layout without regions moves only between TP 1 instances"
+            msg = f"layer {name}: a layout without regions moves only between TP 1 instances"
             raise IncompatiblePeerError(msg)
         src = TensorLayout(name, 0, 1, 0, skey[1], skey[2], 0, skey[3], skey[4])
         dst = TensorLayout(name, 0, 1, 0, dkey[1], dkey[2], 0, dkey[3], dkey[4])
@@ -238,7 +246,7 @@ def _compile_cached(skey, dkey, src_rank, src_tp, dst_rank, dst_tp, name) -> Tem
     snames = sorted(r.name for r in sregions)
     dnames = sorted(r.name for r in dregions)
     if snames != dnames:
-        msg = f"layer {name!r}: source block regions {snames}, destination block regions {dnames}"
+        msg = f"layer {name}: source block regions {snames}, destination block regions {dnames}"
         raise IncompatiblePeerError(msg)
     dby = {r.name: r for r in dregions}
     so, do, ln = [], [], []
@@ -259,7 +267,7 @@ def _compile_cached(skey, dkey, src_rank, src_tp, dst_rank, dst_tp, name) -> Tem
     order = np.argsort(d_all, kind="stable")
     s_all, d_all, l_all = _coalesce(s_all[order], d_all[order], l_all[order])
     if len(d_all) > 1 and (d_all[1:] < d_all[:-1] + l_all[:-1]).any():
-        msg = f"layer {name!r}: destination regions overlap; the layout parser described them wrongly"
+        msg = f"layer {name}: destination regions overlap; the layout parser described them wrongly"
         raise LayoutError(msg)
     for arr in (s_all, d_all, l_all):
         arr.setflags(write=False)
