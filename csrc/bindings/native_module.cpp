@@ -10,6 +10,7 @@
 
 #include "common.h"
 #include "plan_bindings.h"
+#include "llumnix_kv/cma.h"
 #include "llumnix_kv/copy.h"
 #include "llumnix_kv/errors.h"
 #include "llumnix_kv/segments.h"
@@ -92,6 +93,22 @@ void copy_segments(const py::object& src_addrs, const py::object& dst_addrs, con
   llumnix_kv::copy_segments(src.data, dst.data, len.data, len.size, static_cast<unsigned>(num_threads));
 }
 
+std::uint64_t cma_copy(int pid, bool write, const py::object& local_addrs, const py::object& remote_addrs,
+                       const py::object& lengths, int num_threads) {
+  U64Array local = as_u64_array(local_addrs, "local_addrs");
+  U64Array remote = as_u64_array(remote_addrs, "remote_addrs");
+  U64Array len = as_u64_array(lengths, "lengths");
+  check_same_size("local_addrs", local, "lengths", len);
+  check_same_size("remote_addrs", remote, "lengths", len);
+  if (num_threads < 0) throw py::value_error("num_threads must be >= 0 (0 = one per core, capped)");
+  if (pid <= 0) throw py::value_error("pid must be a process id (> 0)");
+  llumnix_kv::checked_total("local_addrs", local.data, len.data, len.size);
+  llumnix_kv::checked_total("remote_addrs", remote.data, len.data, len.size);
+  py::gil_scoped_release release;
+  return llumnix_kv::cma_copy(pid, write, local.data, remote.data, len.data, len.size,
+                              static_cast<unsigned>(num_threads));
+}
+
 std::uint64_t send_segments(const py::object& fd, const py::object& header, const py::object& addrs,
                             const py::object& lengths, const py::object& timeout_s) {
   const int f = as_fd(fd);
@@ -158,8 +175,14 @@ PYBIND11_MODULE(_native, m) {
         "Read exactly sum(lengths) bytes from fd into the segments in order. Returns bytes read.\n\n"
         "timeout_s bounds each wait for progress (None: no limit). Raises TimeoutError,\n"
         "ConnectionError (end of stream before all bytes) or OSError. Releases the GIL.");
+  m.def("cma_copy", &cma_copy, py::arg("pid"), py::arg("write"), py::arg("local_addrs"), py::arg("remote_addrs"),
+        py::arg("lengths"), py::arg("num_threads") = 0,
+        "Copy lengths[i] bytes between local_addrs[i] here and remote_addrs[i] in process pid (write=True:\n"
+        "here -> there) with Linux cross-memory attach: one copy by the kernel, no staging. Work is split\n"
+        "by bytes over up to num_threads threads. Raises OSError (EPERM: not allowed to access the\n"
+        "process; ESRCH: no such process; EFAULT: an address is not mapped there). Releases the GIL.");
   llumnix_kv::bindings::bind_plan(m);
   m.def(
-      "capabilities", [] { return std::vector<std::string>{"cpu_copy", "socket_io", "threaded_copy"}; },
+      "capabilities", [] { return std::vector<std::string>{"cpu_copy", "socket_io", "threaded_copy", "cma"}; },
       "Features this build provides.");
 }

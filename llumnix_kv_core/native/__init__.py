@@ -39,6 +39,7 @@ from llumnix_kv_core.errors import NativeUnavailableError
 
 __all__ = [
     "capabilities",
+    "cma_copy",
     "copy_segments",
     "cuda",
     "fallback_reason",
@@ -126,6 +127,19 @@ def recv_segments(fd: Any, addrs: Any, lengths: Any, timeout_s: float | None) ->
     OSError, ValueError.
     """
     return _impl.recv_segments(fd, _u64(addrs), _u64(lengths), timeout_s)
+
+
+def cma_copy(pid: int, write: bool, local_addrs: Any, remote_addrs: Any, lengths: Any, num_threads: int = 0) -> int:
+    """Copy segments between this process and process ``pid`` of this host in one kernel copy.
+
+    ``write=True`` copies ``local_addrs[i]`` here to ``remote_addrs[i]`` there. Linux cross-memory
+    attach (``process_vm_writev``/``readv``), split by bytes over up to ``num_threads`` threads.
+    Needs the compiled core (``has("cma")``); raises OSError (EPERM, ESRCH, EFAULT) from the kernel.
+    """
+    if "cma" not in _impl.capabilities():
+        msg = f"cross-memory copies need the compiled core ({fallback_reason}); {_REINSTALL_HINT}"
+        raise NativeUnavailableError(msg)
+    return _impl.cma_copy(int(pid), bool(write), _u64(local_addrs), _u64(remote_addrs), _u64(lengths), num_threads)
 
 
 # ---------------------------------------------------------------------- CUDA

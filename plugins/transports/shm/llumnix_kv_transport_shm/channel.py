@@ -11,6 +11,9 @@ Frames use the core wire format. Three header flags belong to this transport:
   the sender then launches one gather/scatter kernel through its CUDA IPC mapping of the
   receiver's memory, waits for it to finish, and sends ``end``. Only then does the receiver
   count the frame, so completion is never reported before the bytes are in place.
+* ``F_CMA``: a DATA frame into registered host memory written in one copy by the kernel
+  (Linux cross-memory attach) from the sender's process straight into the receiver's memory;
+  the same ``go``/``end`` exchange as ``F_IPC`` fences it.
 * ``F_XPORT``: the transport's own messages (handshake, ring set-up, chunk/credit, go/end);
   the JSON body names the operation. They never reach the frame handler.
 
@@ -61,6 +64,8 @@ log = logging.getLogger(__name__)
 F_RING = 1 << 0
 F_IPC = 1 << 1
 F_XPORT = 1 << 2
+F_CMA = 1 << 3
+_DIRECT = (F_IPC, F_CMA)  # the sender writes the receiver's memory itself, after a "go"
 
 _EMPTY = np.zeros(0, dtype=np.uint64)
 _ZERO_TID = bytes(16)
@@ -140,6 +145,7 @@ class ShmChannel(Channel):
         self._tid = _ZERO_TID
         self._peer: PeerTable | None = None
         self._peer_bases: dict[int, np.ndarray] = {}  # local device -> peer GPU region bases
+        self._cma: bool | None = None  # whether cross-memory copies to the peer work (probed once)
         self._out_ring: ShmRing | None = None
         self._ring_reply: dict[str, Any] | None = None
         self._free_slots: deque[int] = deque()
@@ -321,7 +327,70 @@ class ShmChannel(Channel):
             return self._send_gpu(head, src, regions, offsets, lens, total, ready_event)
         if ready_event is not None:
             native.cuda().event_synchronize(ready_event)
+        if total and self._use_cma():
+            head = wire.pack_header(Kind.DATA, transfer_id, layer=layer, n_segments=n, payload_len=total,
+                                    flags=F_CMA)
+            return self._send_cma(head, src, regions, offsets, lens, total)
         return self._send_ring(head, src, regions, offsets, lens, total)
+
+    # -- host memory: one copy by the kernel ---------------------------------------------------
+    def _use_cma(self) -> bool:
+        if self._cma is None:
+            path = self._opts.host_path
+            self._cma = False
+            if path != "ring":
+                why = self._probe_cma()
+                if why is None:
+                    self._cma = True
+                elif path == "cma":
+                    msg = f"host_path 'cma' cannot reach shm peer {self.peer_name}: {why}"
+                    raise TransferError(msg)
+                else:
+                    log.info("shm channel %s: host memory moves through the ring: %s", self.peer_name, why)
+        return self._cma
+
+    def _probe_cma(self) -> str | None:
+        """None if this process can copy into the peer's registered host memory, else why not."""
+        assert self._peer is not None
+        if not native.has("cma"):
+            return "the compiled core lacks cross-memory copies"
+        probe = next((int(a) for a in self._peer.host_addresses() if a), 0)
+        if not probe or self._peer.pid <= 0:
+            return "the peer announced no host memory"
+        scratch = np.zeros(1, np.uint8)
+        try:  # a one-byte read: the same permission check as a write, and harmless
+            native.cma_copy(self._peer.pid, False, np.array([scratch.ctypes.data], np.uint64),
+                            np.array([probe], np.uint64), np.ones(1, np.uint64), 1)
+        except OSError as exc:
+            return str(exc)
+        return None
+
+    def _send_cma(self, head, src, regions, offsets, lens, total) -> int:
+        assert self._peer is not None
+        ends = offsets + lens
+        sizes = self._peer.nbytes[regions]
+        over = (ends > sizes) | (ends < offsets)
+        if over.any():
+            i = int(np.argmax(over))
+            msg = (f"segment {i} [{int(offsets[i])}, +{int(lens[i])}) overruns region {int(regions[i])} of the peer "
+                   f"({int(sizes[i])} bytes)")
+            raise ValueError(msg)
+        dst = self._peer.host_addresses()[regions] + offsets
+        table = wire.pack_table(regions, offsets, lens)
+        with self._data_lock:
+            with self._cond:
+                self._go = None
+            self._send(head + table)
+            try:
+                self._wait(lambda: self._go is not None, time.monotonic() + self._io_timeout, "accept the frame")
+                if self._go:
+                    native.cma_copy(self._peer.pid, True, src, dst, lens, self._opts.cma_threads)
+                self._xport("end")
+            except BaseException as exc:
+                if not self.closed:
+                    self._fail(exc if isinstance(exc, TransferError) else TransferError(str(exc)))
+                raise
+        return total
 
     # -- host memory: the ring -------------------------------------------------------------
     def _ensure_ring(self) -> ShmRing:
@@ -486,8 +555,8 @@ class ShmChannel(Channel):
         if self._pending is not None:
             msg = "a DATA frame started before the previous frame's payload arrived"
             raise FrameError(msg)
-        mode = h.flags & (F_RING | F_IPC)
-        if mode not in (F_RING, F_IPC):
+        mode = h.flags & (F_RING | F_IPC | F_CMA)
+        if mode not in (F_RING, F_IPC, F_CMA):
             msg = f"DATA frame with flags 0x{h.flags:x}: an shm channel carries payloads only through its ring or IPC"
             raise FrameError(msg)
         table = wire.unpack_table(self._read_exact(h.n_segments * wire.TABLE_DTYPE.itemsize),
@@ -508,7 +577,7 @@ class ShmChannel(Channel):
             accepted = False
         inc = _Incoming(h.transfer_id, h.layer, mode, h.payload_len, h.n_segments, accepted,
                         np.ascontiguousarray(addrs, dtype=np.uint64), lengths, payload_starts(lengths))
-        if mode == F_IPC:
+        if mode in _DIRECT:
             self._pending = inc
             self._reply("go", ok=accepted)
         elif h.payload_len == 0:
@@ -543,8 +612,8 @@ class ShmChannel(Channel):
                 self._cond.notify_all()
         elif op == "end":
             inc = self._pending
-            if inc is None or inc.mode != F_IPC:
-                msg = "'end' without a GPU frame in progress"
+            if inc is None or inc.mode not in _DIRECT:
+                msg = "'end' without a directly written frame in progress"
                 raise FrameError(msg)
             self._complete(inc)
         elif op == "ring_ok":

@@ -37,7 +37,7 @@ def export_regions(memory: MemoryRegistry) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
     handles: dict[int, str] = {}
     for r in memory.regions():
-        entry: dict[str, Any] = {"region": r.region_id, "device": r.device, "nbytes": r.nbytes}
+        entry: dict[str, Any] = {"region": r.region_id, "device": r.device, "nbytes": r.nbytes, "addr": r.addr}
         dev = device_index(r.device)
         if dev is not None:
             cuda = _cuda()
@@ -53,7 +53,7 @@ def export_regions(memory: MemoryRegistry) -> list[dict[str, Any]]:
                         "with PYTORCH_CUDA_ALLOC_CONF=expandable_segments:False"
                     )
                     raise TransferError(msg) from exc
-            entry.update(handle=handles[base], offset=r.addr - base, addr=r.addr)
+            entry.update(handle=handles[base], offset=r.addr - base)
         out.append(entry)
     return out
 
@@ -79,6 +79,14 @@ class PeerTable:
             nbytes[rid] = int(e["nbytes"])
             entries[rid] = e
         return cls(kind, nbytes, entries, pid)
+
+    def host_addresses(self) -> np.ndarray:
+        """Address of every host region in the peer's address space (0 for others)."""
+        out = np.zeros(len(self.kind), dtype=np.uint64)
+        for rid, e in self.entries.items():
+            if self.kind[rid] == 1:
+                out[rid] = int(e["addr"])
+        return out
 
     def kinds_of(self, regions: np.ndarray) -> np.ndarray:
         out = np.zeros(len(regions), dtype=np.uint8)

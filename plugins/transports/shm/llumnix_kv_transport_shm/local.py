@@ -21,18 +21,24 @@ class ShmOptions:
 
     :param slot_bytes: bytes of one slot of a host-memory ring (one pipelined chunk).
     :param slots: slots per ring; the sender fills one while the receiver drains another.
-    :param copy_threads: threads of each native host copy (0: one per core, capped).
+    :param copy_threads: threads of each native ring copy, on each side (0: one per core, capped).
     :param ring_dir: directory of the shared-memory files (tmpfs); unlinked once both sides mapped them.
+    :param host_path: how host memory moves: ``"cma"`` (one copy by the kernel straight into the
+        receiver's registered memory, Linux cross-memory attach), ``"ring"`` (two pipelined copies
+        through the shared ring) or ``"auto"`` (cma where this process may access the peer, else ring).
+    :param cma_threads: threads of a cross-memory copy (0: one per core, capped).
     """
 
     slot_bytes: int = DEFAULT_SLOT_BYTES
     slots: int = DEFAULT_SLOTS
     copy_threads: int = 1
     ring_dir: str = "/dev/shm"
+    host_path: str = "auto"
+    cma_threads: int = 0
 
     @classmethod
     def from_extra(cls, extra: tuple[tuple[str, Any], ...]) -> ShmOptions:
-        known = {"slot_bytes", "slots", "copy_threads", "ring_dir"}
+        known = {"slot_bytes", "slots", "copy_threads", "ring_dir", "host_path", "cma_threads"}
         given = dict(extra)
         unknown = sorted(set(given) - known)
         if unknown:
@@ -41,15 +47,18 @@ class ShmOptions:
                 f"the shm transport understands {', '.join(sorted(known))}"
             )
             raise ValueError(msg)
-        opts = cls(**{k: (str(v) if k == "ring_dir" else int(v)) for k, v in given.items()})
+        opts = cls(**{k: (str(v) if k in ("ring_dir", "host_path") else int(v)) for k, v in given.items()})
+        if opts.host_path not in ("auto", "cma", "ring"):
+            msg = f"host_path must be 'auto', 'cma' or 'ring', got {opts.host_path!r}"
+            raise ValueError(msg)
         if opts.slot_bytes < 4096 or opts.slot_bytes % 4096:
             msg = f"slot_bytes must be a positive multiple of 4096, got {opts.slot_bytes}"
             raise ValueError(msg)
         if not 2 <= opts.slots <= 64:
             msg = f"slots must be between 2 and 64 (the ring pipelines two copies), got {opts.slots}"
             raise ValueError(msg)
-        if opts.copy_threads < 0:
-            msg = f"copy_threads must be 0 (one per core) or positive, got {opts.copy_threads}"
+        if opts.copy_threads < 0 or opts.cma_threads < 0:
+            msg = f"copy_threads and cma_threads must be 0 (one per core) or positive, got {given}"
             raise ValueError(msg)
         return opts
 

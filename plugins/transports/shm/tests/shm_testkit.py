@@ -9,22 +9,27 @@ import time
 from typing import Any
 
 import numpy as np
+import pytest
 from tcp_testkit import Recorder
 from tcp_testkit import expected_copy
 from tcp_testkit import registered
 from tcp_testkit import scatter_plan
 
+from llumnix_kv_core import native
 from llumnix_kv_core import wire
 from llumnix_kv_core.interfaces.transport import Channel
 from llumnix_kv_core.interfaces.transport import TransportConfig
 from llumnix_kv_core.memory import MemoryRegistry
 from llumnix_kv_core.wire import Kind
 
-__all__ = ["Recorder", "expected_copy", "registered", "ring_files", "scatter_plan"]
+__all__ = ["PATHS", "Recorder", "expected_copy", "needs_cma", "registered", "ring_files", "scatter_plan"]
 
 N_BLOCKS = 8192
 BLOCK = 4096
-SMALL_RING = (("slot_bytes", 1 << 20), ("slots", 3))
+SMALL_RING = (("host_path", "ring"), ("slot_bytes", 1 << 20), ("slots", 3))
+CMA = (("host_path", "cma"),)
+needs_cma = pytest.mark.skipif(not native.has("cma"), reason="cross-memory copies need the compiled core")
+PATHS = ["ring", pytest.param("cma", marks=needs_cma)]
 
 
 def ring_files(pid: int | None = None, directory: str = "/dev/shm") -> list[str]:
@@ -47,7 +52,7 @@ def mp_expected_digest(seed: int) -> str:
     return hashlib.sha256(expected_copy(src, N_BLOCKS * BLOCK, s, d, n).tobytes()).hexdigest()
 
 
-def sender_main(q, seed: int) -> None:
+def sender_main(q, seed: int, extra=SMALL_RING) -> None:
     """Listen, answer a PULL with DATA + DONE on that channel, wait for the ACK."""
     from llumnix_kv_transport_shm.transport import ShmTransport
 
@@ -70,7 +75,7 @@ def sender_main(q, seed: int) -> None:
         elif kind == Kind.ACK:
             acked.set()
 
-    t = ShmTransport(TransportConfig(io_timeout_s=20.0, extra=SMALL_RING))
+    t = ShmTransport(TransportConfig(io_timeout_s=20.0, extra=extra))
     try:
         q.put(("addr", t.listen("127.0.0.1", 0, Recorder(on_control_cb=on_control), MemoryRegistry()), os.getpid()))
         q.put(("sender", acked.wait(60.0), errors))

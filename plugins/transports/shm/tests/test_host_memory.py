@@ -10,9 +10,11 @@ import time
 
 import numpy as np
 import pytest
+from shm_testkit import PATHS
 from shm_testkit import SMALL_RING
 from shm_testkit import Recorder
 from shm_testkit import expected_copy
+from shm_testkit import needs_cma
 from shm_testkit import registered
 from shm_testkit import ring_files
 from shm_testkit import scatter_plan
@@ -29,10 +31,11 @@ from llumnix_kv_core.wire import Kind
 EXTRA = dict(SMALL_RING)
 
 
-@pytest.fixture
-def pair(make_transport):
-    """(server handler, server memory, client peer, client handler, client memory); small rings."""
-    srv, cli = make_transport(extra=EXTRA), make_transport(connections_per_peer=3, extra=EXTRA)
+@pytest.fixture(params=PATHS)
+def pair(make_transport, request):
+    """(server handler, server memory, client peer, client handler, client memory); both host paths."""
+    extra = {**EXTRA, "host_path": request.param}
+    srv, cli = make_transport(extra=extra), make_transport(connections_per_peer=3, extra=extra)
     smem, cmem = MemoryRegistry(), MemoryRegistry()
     shand, chand = Recorder(), Recorder()
     # Announced at handshake, so registered before connecting; the buffers live as long as the test.
@@ -117,7 +120,7 @@ def test_many_regions_in_one_frame(make_transport):
         np.testing.assert_array_equal(buf[::64][:1000], src[k::3])
 
 
-def test_empty_frame_needs_no_ring(pair):
+def test_empty_frame_needs_no_ring_nor_copy(pair):
     shand, _, peer, _, _ = pair
     e = np.zeros(0, np.uint64)
     assert peer.channels[0].send_data(wire.new_transfer_id(), 3, e, e, e, e) == 0
@@ -126,8 +129,12 @@ def test_empty_frame_needs_no_ring(pair):
     assert peer.channels[0]._out_ring is None
 
 
-def test_ring_is_mapped_once_and_its_file_unlinked(pair):
-    shand, smem, peer, _, _ = pair
+def test_ring_is_mapped_once_and_its_file_unlinked(make_transport):
+    srv, cli = make_transport(extra=EXTRA), make_transport(connections_per_peer=1, extra=EXTRA)
+    smem = MemoryRegistry()
+    smem.keep = registered(smem, 5, 8 << 20)
+    shand = Recorder()
+    peer = cli.connect(srv.listen("127.0.0.1", 0, shand, smem), Recorder(), MemoryRegistry())
     src = np.full(3 << 20, 7, np.uint8)
     one = np.ones(1, np.uint64)
     ch = peer.channels[0]
@@ -202,7 +209,8 @@ def test_refused_frame_is_drained_unwritten_and_the_channel_stays_in_sync(make_t
 
 
 def test_overrunning_frame_is_refused_and_nothing_is_written(make_transport):
-    srv, cli = make_transport(), make_transport(connections_per_peer=1)
+    """The receiver checks every table against its own regions (the ring path, where it writes)."""
+    srv, cli = make_transport(extra=EXTRA), make_transport(connections_per_peer=1, extra=EXTRA)
     smem = MemoryRegistry()
     dst = registered(smem, 1, 4096)
     shand, chand = Recorder(), Recorder()
@@ -341,15 +349,16 @@ def test_gpu_region_without_cuda_fails_at_connect_naming_the_cause(make_transpor
         cli.connect(addr, Recorder(), mem)
 
 
-@pytest.mark.parametrize("bad", [{"slot_bytes": 1000}, {"slots": 1}, {"copy_threads": -1}, {"ring": 3}])
+@pytest.mark.parametrize("bad", [{"slot_bytes": 1000}, {"slots": 1}, {"copy_threads": -1}, {"ring": 3},
+                                 {"host_path": "dma"}])
 def test_bad_options_are_refused_with_the_fix(make_transport, bad):
-    with pytest.raises(ValueError, match=r"slot_bytes|slots|copy_threads|understands"):
+    with pytest.raises(ValueError, match=r"slot_bytes|slots|copy_threads|understands|host_path"):
         make_transport(extra=bad)
 
 
 def test_unusable_ring_dir_is_reported_on_send(make_transport, tmp_path):
     srv = make_transport()
-    cli = make_transport(connections_per_peer=1, extra={"ring_dir": str(tmp_path / "missing")})
+    cli = make_transport(connections_per_peer=1, extra={"ring_dir": str(tmp_path / "missing"), "host_path": "ring"})
     smem = MemoryRegistry()
     smem.keep = registered(smem, 1, 4096)
     peer = cli.connect(srv.listen("127.0.0.1", 0, Recorder(), smem), Recorder(), MemoryRegistry())
@@ -358,3 +367,77 @@ def test_unusable_ring_dir_is_reported_on_send(make_transport, tmp_path):
     with pytest.raises(TransferError, match=r"cannot create the shared-memory ring.*ring_dir"):
         peer.channels[0].send_data(wire.new_transfer_id(), 0, np.array([src.ctypes.data], np.uint64), one,
                                    np.zeros(1, np.uint64), np.array([16], np.uint64))
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_refused_frame_is_not_written_on_either_path(make_transport, path):
+    extra = {**EXTRA, "host_path": path}
+    srv, cli = make_transport(extra=extra), make_transport(connections_per_peer=1, extra=extra)
+    smem = MemoryRegistry()
+    dst = registered(smem, 1, 1 << 20, fill=0xAB)
+    fenced = wire.new_transfer_id()
+    shand = Recorder(refuse={bytes.fromhex(fenced)})
+    peer = cli.connect(srv.listen("127.0.0.1", 0, shand, smem), Recorder(), MemoryRegistry())
+    src = np.full(1 << 20, 3, np.uint8)
+    args = (np.array([src.ctypes.data], np.uint64), np.ones(1, np.uint64), np.zeros(1, np.uint64),
+            np.array([1 << 20], np.uint64))
+    peer.channels[0].send_data(fenced, 0, *args)
+    ok = wire.new_transfer_id()
+    peer.channels[0].send_data(ok, 1, *args[:3], np.array([4096], np.uint64))
+    shand.wait(lambda r: len(r.data) == 1)
+    assert shand.data[0][1] == bytes.fromhex(ok)
+    assert (dst[:4096] == 3).all()
+    assert (dst[4096:] == 0xAB).all(), "a fenced frame was written"
+
+
+@needs_cma
+def test_cma_writes_straight_into_the_peer_and_sends_no_payload_through_a_ring(make_transport):
+    srv = make_transport(extra={"host_path": "cma"})
+    cli = make_transport(connections_per_peer=1, extra={"host_path": "cma"})
+    smem = MemoryRegistry()
+    dst = registered(smem, 1, 64 << 20)
+    shand = Recorder()
+    peer = cli.connect(srv.listen("127.0.0.1", 0, shand, smem), Recorder(), MemoryRegistry())
+    rng = np.random.default_rng(9)
+    src = rng.integers(0, 256, 64 << 20, dtype=np.uint8)
+    s_off, d_off, lengths = scatter_plan(rng, 4096, 16 << 10)
+    peer.channels[0].send_data(wire.new_transfer_id(), 0, np.uint64(src.ctypes.data) + s_off,
+                               np.ones(4096, np.uint64), d_off, lengths)
+    shand.wait(lambda r: len(r.data) == 1)
+    np.testing.assert_array_equal(dst, expected_copy(src, 64 << 20, s_off, d_off, lengths))
+    assert peer.channels[0]._out_ring is None
+
+
+@needs_cma
+def test_cma_overrun_is_refused_by_the_sender(make_transport):
+    srv, cli = make_transport(extra={"host_path": "cma"}), make_transport(extra={"host_path": "cma"})
+    smem = MemoryRegistry()
+    smem.keep = registered(smem, 1, 4096)
+    peer = cli.connect(srv.listen("127.0.0.1", 0, Recorder(), smem), Recorder(), MemoryRegistry())
+    src = np.zeros(8192, np.uint8)
+    with pytest.raises(ValueError, match="overruns region 1"):
+        peer.channels[0].send_data(wire.new_transfer_id(), 0, np.array([src.ctypes.data], np.uint64),
+                                   np.ones(1, np.uint64), np.zeros(1, np.uint64), np.array([8192], np.uint64))
+    assert not peer.channels[0].closed
+
+
+def test_without_cross_memory_copies_auto_uses_the_ring_and_cma_says_why(make_transport, monkeypatch):
+    real_has = native.has
+    monkeypatch.setattr(native, "has", lambda feature: False if feature == "cma" else real_has(feature))
+    for path in ("auto", "cma"):
+        srv, cli = make_transport(extra={"host_path": path}), make_transport(extra={"host_path": path})
+        smem = MemoryRegistry()
+        dst = registered(smem, 1, 4096)
+        shand = Recorder()
+        peer = cli.connect(srv.listen("127.0.0.1", 0, shand, smem), Recorder(), MemoryRegistry())
+        src = np.full(4096, 5, np.uint8)
+        args = (wire.new_transfer_id(), 0, np.array([src.ctypes.data], np.uint64), np.ones(1, np.uint64),
+                np.zeros(1, np.uint64), np.array([4096], np.uint64))
+        if path == "cma":
+            with pytest.raises(TransferError, match=r"host_path 'cma' cannot reach.*lacks cross-memory copies"):
+                peer.channels[0].send_data(*args)
+        else:
+            peer.channels[0].send_data(*args)
+            shand.wait(lambda r: len(r.data) == 1)
+            assert (dst == 5).all()
+            assert peer.channels[0]._out_ring is not None

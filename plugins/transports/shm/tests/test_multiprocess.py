@@ -35,11 +35,13 @@ def _reap(*procs) -> None:
             p.join(5)
 
 
+@pytest.mark.parametrize("path", shm_testkit.PATHS)
 @pytest.mark.parametrize("connections", [1, 4])
-def test_pull_data_done_ack_between_processes(connections):
+def test_pull_data_done_ack_between_processes(connections, path):
     seed = 4321 + connections
     q = CTX.Queue()
-    sender = CTX.Process(target=shm_testkit.sender_main, args=(q, seed), daemon=True)
+    extra = shm_testkit.SMALL_RING if path == "ring" else shm_testkit.CMA
+    sender = CTX.Process(target=shm_testkit.sender_main, args=(q, seed, extra), daemon=True)
     sender.start()
     receiver = None
     try:
