@@ -35,13 +35,19 @@ PLUGINS = {
 
 
 def _expose_pyenv_pythons() -> None:
-    """Let nox find every pyenv-installed CPython 3.10-3.13 (pyenv shims only serve listed versions)."""
-    if "PYENV_VERSION" in os.environ or shutil.which("pyenv") is None:
+    """Let nox find every pyenv-installed CPython 3.10-3.13.
+
+    pyenv shims serve only the versions in PYENV_VERSION, which ``pyenv exec`` sets to the one
+    running nox: add the others.
+    """
+    if shutil.which("pyenv") is None:
         return
     out = subprocess.run(["pyenv", "versions", "--bare"], capture_output=True, text=True, check=False).stdout
-    versions = [v for v in out.split() if v.split(".")[:2] in (["3", m] for m in ("10", "11", "12", "13"))]
+    wanted = [v for v in out.split() if v.split(".")[:2] in (["3", m] for m in ("10", "11", "12", "13"))]
+    current = [v for v in os.environ.get("PYENV_VERSION", "").split(":") if v]
+    versions = current + [v for v in wanted if v not in current]
     if versions:
-        os.environ["PYENV_VERSION"] = ":".join(sorted(versions, key=lambda v: v != "3.11" and not v.startswith("3.11")))
+        os.environ["PYENV_VERSION"] = ":".join(versions)
 
 
 _expose_pyenv_pythons()

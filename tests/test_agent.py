@@ -553,3 +553,32 @@ def test_sender_killed_mid_transfer(make_agent, spawn_sender):
     assert "closed" in why
     assert time.monotonic() - t0 < 15.0  # long before D's 60 s transfer timeout
     proc.join(10)
+
+
+def test_preemption_voids_queued_sends_and_resends_from_new_blocks(pair):
+    """The engine takes a request's blocks back mid-transfer: nothing more is read from them, and
+    the recomputation (in other blocks) is what the receiver ends up with."""
+    p, pa, d, da = pair
+    tid = new_transfer_id()
+    old, new, db = [1, 2, 3, 4], [20, 21, 22, 23], [40, 41, 42, 43]
+    pa.sender.open(tid, {0: old})
+    da.receiver.start(tid, pa.address, {0: db}, {0: 0})
+    wait_for(lambda: pa.sender._transfers[tid].attachments, "the PULL to attach")
+    pa.sender.layer_ready(tid, p.names[0], 0, 2)  # part of layer 0 computed in the old blocks
+    pa.sender.preempt(tid, timeout_s=5.0)
+    p.pool[:] = np.roll(p.pool, 7)  # the engine reuses (overwrites) the freed blocks
+    assert pa.sender._transfers[tid].reading == 0
+    expected = expected_after(p, new, d, db)
+    pa.sender.open(tid, {0: new})  # resumed: recomputed from scratch into new blocks
+    for name in p.names:
+        pa.sender.layer_ready(tid, name, 0, len(new))
+    pa.sender.complete(tid, {0: len(new)})
+    pa.sender.seal(tid, True, 30.0)
+    assert wait_transfer(da, tid) == ("done", "")
+    np.testing.assert_array_equal(d.pool, expected)
+    wait_released(pa, tid)
+
+
+def test_preemption_of_unknown_or_finished_transfer_is_a_no_op(pair):
+    _p, pa, _d, _da = pair
+    pa.sender.preempt(new_transfer_id(), timeout_s=0.1)

@@ -84,6 +84,8 @@ class SendTransfer:
     frames: int = 0
     nbytes: int = 0
     outstanding: int = 0
+    generation: int = 0  # bumped when the engine preempts the request: older queued sends are void
+    reading: int = 0  # sends reading the source blocks right now
     state: str = "open"
     error: str = ""
     t_attach: float = 0.0
@@ -131,6 +133,9 @@ class KVSender:
             else:
                 for g, b in blocks.items():
                     t.blocks[g] = list(b)
+                # After a preemption the recomputation starts from the prefix-cache hit, if any.
+                for e in self.layers:
+                    self._add_unit(t, e.name, t.layer_hi.get(e.name, 0), (ready or {}).get(e.group_id, 0))
             self._lock.notify_all()
 
     def layer_ready(self, tid: str, layer: str, lo: int, hi: int, ready_event: int | None = None) -> None:
@@ -164,6 +169,27 @@ class KVSender:
                 self._add_unit(t, e.name, t.layer_hi.get(e.name, 0), positions.get(e.group_id, 0))
             t.complete = True
             self._lock.notify_all()
+
+    def preempt(self, tid: str, timeout_s: float) -> None:
+        """The engine is about to reuse the transfer's source blocks (the request was preempted).
+
+        Queued sends are voided, what was ready is forgotten (the recomputation marks it again,
+        in new blocks), and this returns once no send reads the old blocks any more. A send still
+        reading after ``timeout_s`` fails the transfer, so its receiver never takes that data.
+        """
+        deadline = time.monotonic() + timeout_s
+        with self._lock:
+            t = self._transfers.get(tid)
+            if t is None or t.state != "open":
+                return
+            t.generation += 1
+            t.units, t.layer_hi, t.complete = [], {}, False
+            for a in t.attachments:
+                a.planned = 0
+            while t.reading and time.monotonic() < deadline:
+                self._lock.wait(timeout=deadline - time.monotonic())
+            if t.reading:
+                self._fail(t, "failed", "the prefill request was preempted while its blocks were being sent")
 
     def seal(self, tid: str, ok: bool, lease_s: float) -> None:
         """The engine finished the request; its blocks stay until released (or the lease ends)."""
@@ -335,9 +361,10 @@ class KVSender:
 
             peer.queues[index].put(tell)
 
-    def _job_done(self, t: SendTransfer, nbytes: int, error: BaseException | None) -> None:
+    def _job_done(self, t: SendTransfer, nbytes: int, error: BaseException | None, *, read: bool = True) -> None:
         with self._lock:
             t.outstanding -= 1
+            t.reading -= read
             t.nbytes += nbytes
             self.bytes_sent += nbytes
             if error is not None and t.state == "open":
@@ -363,12 +390,13 @@ class KVSender:
                         a.planned = len(t.units)
                         finish = t.complete and not a.done_queued
                         if units or finish:
-                            work.append((t, a, units, finish, {g: list(b) for g, b in t.blocks.items()}))
-            for t, a, units, finish, blocks in work:
-                self._queue_units(t, a, units, finish, blocks)
+                            blocks = {g: list(b) for g, b in t.blocks.items()}
+                            work.append((t, a, units, finish, blocks, t.generation))
+            for t, a, units, finish, blocks, generation in work:
+                self._queue_units(t, a, units, finish, blocks, generation)
 
     def _queue_units(self, t: SendTransfer, a: Attachment, units: list[tuple[str, int, int]], finish: bool,
-                     blocks: dict[int, list[int]]) -> None:
+                     blocks: dict[int, list[int]], generation: int) -> None:
         peer = a.peer
         jobs = []
         plans: dict[tuple[int, ...], Any] = {}  # layers of one geometry share a plan
@@ -393,8 +421,8 @@ class KVSender:
             jobs.append((src.region_id, src_addrs, regions, seg.dst_offsets, seg.lengths, dst.region_id,
                          self._ready_events.get(layer)))
         with self._lock:
-            if t.state != "open":
-                return
+            if t.state != "open" or t.generation != generation:
+                return  # planned from blocks the engine has since taken back
             chans = sorted(peer.queues)
             if not chans:
                 return
@@ -404,16 +432,27 @@ class KVSender:
                 a.frames += 1
                 t.frames += 1
                 a.planned_bytes += int(lens.sum())
-                peer.queues[index].put(self._data_job(t, peer, index, dst_region, src_addrs, regions, offs, lens,
+                peer.queues[index].put(self._data_job(t, a, index, dst_region, src_addrs, regions, offs, lens,
                                                       event))
             if finish and a.planned == len(t.units):
                 a.done_queued = True
                 t.outstanding += 1
                 peer.queues[chans[0]].put(self._done_job(t, a, chans[0]))
 
-    def _data_job(self, t, peer, index, layer, src, regions, offs, lens, event=None) -> Callable[[], None]:
+    def _data_job(self, t, a, index, layer, src, regions, offs, lens, event=None) -> Callable[[], None]:
+        generation = t.generation
+
         def run() -> None:
-            chan = peer.channels.get(index)
+            with self._lock:
+                if t.generation != generation:  # voided by a preemption: never read those blocks
+                    t.outstanding -= 1
+                    a.frames -= 1
+                    t.frames -= 1
+                    a.planned_bytes -= int(lens.sum())
+                    self._lock.notify_all()
+                    return
+                t.reading += 1
+            chan = a.peer.channels.get(index)
             try:
                 if chan is None or t.state != "open":
                     msg = "connection to the decode instance is closed"
@@ -436,9 +475,9 @@ class KVSender:
                     raise ConnectionError(msg)
                 chan.send_control(Kind.DONE, t.tid, {"frames": a.frames, "bytes": a.planned_bytes})
             except BaseException as exc:
-                self._job_done(t, 0, exc)
+                self._job_done(t, 0, exc, read=False)
                 return
-            self._job_done(t, 0, None)
+            self._job_done(t, 0, None, read=False)
 
         return run
 

@@ -98,6 +98,10 @@ class LlumnixKVConnector(KVConnectorBase_V1, SupportsHMA):
     def get_handshake_metadata(self) -> Any:
         return self._worker.handshake_metadata() if self._worker is not None else None
 
+    def handle_preemptions(self, kv_connector_metadata: Any) -> None:
+        if self._worker is not None and isinstance(kv_connector_metadata, LlumnixConnectorMetadata):
+            self._worker.preempted(kv_connector_metadata)
+
     def bind_connector_metadata(self, connector_metadata: Any) -> None:
         super().bind_connector_metadata(connector_metadata)
         if self._worker is not None and isinstance(connector_metadata, LlumnixConnectorMetadata):

@@ -52,6 +52,7 @@ class LlumnixConnectorMetadata(KVConnectorMetadata):
     cancelled_loads: list[tuple[str, str]] = field(default_factory=list)
     saves: list[SaveStep] = field(default_factory=list)
     finished_saves: list[SaveFinished] = field(default_factory=list)
+    preempted_saves: list[str] = field(default_factory=list)  # transfer ids whose blocks the engine takes back
 
 
 @dataclass

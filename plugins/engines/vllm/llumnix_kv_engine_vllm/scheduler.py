@@ -103,6 +103,12 @@ class SchedulerSide:
         )
 
     def build_connector_meta(self, out: SchedulerOutput) -> LlumnixConnectorMetadata:
+        for req_id in out.preempted_req_ids or ():
+            if req_id in self._saving:
+                # Its blocks are freed now; the resumed request brings new ones.
+                plan, blocks, _ = self._saving[req_id]
+                blocks[:] = [[] for _ in blocks]
+                self._meta.preempted_saves.append(plan.transfer_id)
         for new in out.scheduled_new_reqs:
             if new.req_id in self._first_schedule:
                 self._first_schedule.discard(new.req_id)

@@ -149,6 +149,14 @@ class WorkerSide:
                 self._unreported.add(f.transfer_id)
             agent.sender.seal(f.transfer_id, f.ok, f.lease_s)
 
+    def preempted(self, meta: LlumnixConnectorMetadata) -> None:
+        """Before the forward reuses a preempted request's blocks: stop every send reading them."""
+        if self.agent is None:
+            return
+        timeout = float(self.options.get("io_timeout_s", 30.0))
+        for tid in meta.preempted_saves:
+            self.agent.sender.preempt(tid, timeout)
+
     def save_layer(self, layer_name: str) -> None:
         group = self._layer_group.get(layer_name)
         if group is None or self.agent is None or group in self._state_groups or not self._step_saves:
