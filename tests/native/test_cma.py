@@ -4,30 +4,28 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import sys
 
 import numpy as np
 import pytest
 
 from llumnix_kv_core import native
 
+# The child's entry point must be importable by name in a spawned process (which inherits sys.path,
+# not the test runner's way of importing this file).
+sys.path.insert(0, os.path.dirname(__file__))
+from cma_holder import hold
+
 pytestmark = pytest.mark.skipif(not native.has("cma"), reason="needs the compiled core (cross-memory copies)")
 
 CTX = mp.get_context("spawn")
-
-
-def _holder(q_out, q_in, nbytes: int) -> None:
-    buf = np.zeros(nbytes, np.uint8)
-    q_out.put((os.getpid(), buf.ctypes.data))
-    q_in.get(timeout=60)  # the parent wrote: report what is here
-    q_out.put(bytes(buf))
-    q_in.get(timeout=60)
 
 
 @pytest.mark.parametrize("threads", [1, 0])
 def test_scattered_write_then_read_across_processes(threads):
     nbytes = 8 << 20
     q_out, q_in = CTX.Queue(), CTX.Queue()
-    p = CTX.Process(target=_holder, args=(q_out, q_in, nbytes), daemon=True)
+    p = CTX.Process(target=hold, args=(q_out, q_in, nbytes), daemon=True)
     p.start()
     try:
         pid, base = q_out.get(timeout=60)
