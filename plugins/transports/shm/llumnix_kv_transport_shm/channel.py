@@ -17,15 +17,16 @@ Frames use the core wire format. Three header flags belong to this transport:
 * ``F_XPORT``: the transport's own messages (handshake, ring set-up, chunk/credit, go/end);
   the JSON body names the operation. They never reach the frame handler.
 
-Like the tcp channel, the receive thread owns the socket's lifetime; ``on_closed`` runs once,
-from it. A failure in the middle of a DATA frame closes the channel, on both sides.
+Framing, the receive thread and the channel's life cycle come from
+:class:`~llumnix_kv_core.streams.channel.StreamChannel`: the receive thread owns the socket's
+lifetime; ``on_closed`` runs once, from it. A failure in the middle of a DATA frame closes the
+channel, on both sides.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-import select
 import socket
 import threading
 import time
@@ -42,9 +43,14 @@ from llumnix_kv_core import wire
 from llumnix_kv_core.errors import FrameError
 from llumnix_kv_core.errors import TransferError
 from llumnix_kv_core.errors import TransferTimeoutError
-from llumnix_kv_core.interfaces.transport import Channel
 from llumnix_kv_core.interfaces.transport import FrameHandler
 from llumnix_kv_core.memory import MemoryRegistry
+from llumnix_kv_core.streams.channel import EMPTY
+from llumnix_kv_core.streams.channel import JOIN_S
+from llumnix_kv_core.streams.channel import ZERO_TID
+from llumnix_kv_core.streams.channel import PeerClosed
+from llumnix_kv_core.streams.channel import PeerRefused
+from llumnix_kv_core.streams.channel import StreamChannel
 from llumnix_kv_core.wire import Kind
 from llumnix_kv_transport_shm.ipc import PeerTable
 from llumnix_kv_transport_shm.ipc import device_index
@@ -59,28 +65,13 @@ from llumnix_kv_transport_shm.ring import payload_starts
 if TYPE_CHECKING:
     from llumnix_kv_transport_shm.transport import ShmTransport
 
-log = logging.getLogger(__name__)
-
 F_RING = 1 << 0
 F_IPC = 1 << 1
 F_XPORT = 1 << 2
 F_CMA = 1 << 3
 _DIRECT = (F_IPC, F_CMA)  # the sender writes the receiver's memory itself, after a "go"
 
-_EMPTY = np.zeros(0, dtype=np.uint64)
-_ZERO_TID = bytes(16)
-_JOIN_S = 10.0
 _SPIN_S = 5e-3  # busy-poll a GPU event (GIL released per query) this long before sleeping between polls
-
-
-class _PeerClosed(Exception):
-    def __init__(self, mid_frame: bool) -> None:
-        super().__init__("mid-frame EOF" if mid_frame else "EOF")
-        self.mid_frame = mid_frame
-
-
-class _Refused(Exception):
-    """The peer is not acceptable (another host); the message says why."""
 
 
 @dataclass
@@ -99,23 +90,12 @@ class _Incoming:
     pos: int = 0
 
 
-def _u64(a: Any, what: str) -> np.ndarray:
-    arr = np.ascontiguousarray(a)
-    if arr.ndim != 1:
-        msg = f"{what} must be a 1-D array, got shape {arr.shape}"
-        raise ValueError(msg)
-    if arr.dtype != np.uint64:
-        if arr.dtype.kind not in "iu":
-            msg = f"{what} must hold integers (numpy.uint64), got dtype {arr.dtype}"
-            raise ValueError(msg)
-        if arr.size and arr.dtype.kind == "i" and int(arr.min()) < 0:
-            msg = f"{what} holds negative values"
-            raise ValueError(msg)
-        arr = arr.astype(np.uint64)
-    return arr
+class ShmChannel(StreamChannel):
+    """Frames over a loopback socket; DATA payloads through the ring, cross-memory attach or CUDA IPC."""
 
+    kind = "shm"
+    log = logging.getLogger(__name__)
 
-class ShmChannel(Channel):
     def __init__(
         self,
         sock: socket.socket,
@@ -125,24 +105,11 @@ class ShmChannel(Channel):
         transport: ShmTransport,
         on_exit: Callable[[ShmChannel], None] | None = None,
     ) -> None:
-        self.peer_name = peer_name
-        self._sock = sock
-        self._fd = sock.fileno()
-        self._handler = handler
-        self._memory = memory
         self._transport = transport
         self._opts = transport.options
-        self._io_timeout = float(transport.config.io_timeout_s)
-        self._on_exit = on_exit
-        sock.settimeout(self._io_timeout)
-        self._send_lock = threading.Lock()  # whole messages on the socket
         self._data_lock = threading.Lock()  # one outgoing DATA frame at a time
-        self._state_lock = threading.Lock()
         self._cond = threading.Condition()  # replies the receive thread hands to senders
-        self._closing = False
-        self._closed = False
-        self._error: BaseException | None = None
-        self._tid = _ZERO_TID
+        super().__init__(sock, peer_name, handler, memory, transport.config.io_timeout_s, on_exit)
         self._peer: PeerTable | None = None
         self._peer_bases: dict[int, np.ndarray] = {}  # local device -> peer GPU region bases
         self._cma: bool | None = None  # whether cross-memory copies to the peer work (probed once)
@@ -153,10 +120,6 @@ class ShmChannel(Channel):
         self._pending: _Incoming | None = None
         self._go: bool | None = None
         self._gpu: tuple[int, int, int] | None = None  # (device, stream, done event)
-        self._thread = threading.Thread(target=self._recv_loop, name=f"lkv-shm-recv {peer_name}", daemon=True)
-
-    def __repr__(self) -> str:
-        return f"<ShmChannel {self.peer_name} fd={self._fd} {'closed' if self.closed else 'open'}>"
 
     # -- life cycle --------------------------------------------------------------------------
     def handshake(self, timeout_s: float) -> None:
@@ -166,7 +129,7 @@ class ShmChannel(Channel):
         try:
             h = wire.unpack_header(self._read_exact(wire.HEADER_SIZE))
             body = wire.decode_body(bytes(self._read_exact(h.body_len))) if h.body_len else {}
-        except (_PeerClosed, OSError, FrameError) as exc:
+        except (PeerClosed, OSError, FrameError) as exc:
             msg = (f"shm peer {self.peer_name} did not complete the handshake within {timeout_s:g} s ({exc}); "
                    "check that an shm transport listens there")
             raise TransferError(msg) from exc
@@ -179,76 +142,24 @@ class ShmChannel(Channel):
         self._peer = PeerTable.parse(body.get("regions", []), int(body.get("pid", -1)))
         self._sock.settimeout(self._io_timeout)
 
-    def start(self) -> None:
-        self._thread.start()
-
-    @property
-    def closed(self) -> bool:
-        return self._closed or self._closing or self._error is not None
-
     def _shutdown(self) -> None:
-        try:
-            self._sock.shutdown(socket.SHUT_RDWR)
-        except OSError:
-            pass
-
-    def _fail(self, error: BaseException) -> None:
-        with self._state_lock:
-            if self._error is None and not self._closing:
-                self._error = error
-        self._shutdown()
+        super()._shutdown()
         with self._cond:
             self._cond.notify_all()
-
-    def close(self) -> None:
-        with self._state_lock:
-            self._closing = True
-        self._shutdown()
-        with self._cond:
-            self._cond.notify_all()
-        if self._thread.is_alive() and threading.current_thread() is not self._thread:
-            self._thread.join(_JOIN_S)
-            if self._thread.is_alive():
-                log.warning("shm channel %s: receive thread did not stop within %.0f s", self.peer_name, _JOIN_S)
-
-    def _closed_error(self) -> TransferError:
-        why = f" ({self._error})" if self._error is not None else " (closed locally)" if self._closing else ""
-        return TransferError(f"shm channel to {self.peer_name} is closed{why}; reconnect to the peer to send again")
-
-    # -- socket writes ---------------------------------------------------------------------
-    def _send(self, data: bytes) -> None:
-        if self.closed:
-            raise self._closed_error()
-        with self._send_lock:
-            if self.closed:
-                raise self._closed_error()
-            try:
-                native.send_segments(self._fd, data, _EMPTY, _EMPTY, self._io_timeout)
-                return
-            except TimeoutError as exc:
-                err: TransferError = TransferTimeoutError(
-                    f"sending to shm peer {self.peer_name} made no progress for {self._io_timeout:g} s; "
-                    "the channel is closed")
-                err.__cause__ = exc
-            except OSError as exc:
-                err = TransferError(f"sending to shm peer {self.peer_name} failed: {exc}; the peer is gone, reconnect")
-                err.__cause__ = exc
-        self._fail(err)
-        raise err
 
     def _xport(self, op: str, **fields: Any) -> None:
         raw = wire.encode_body({"op": op, **fields})
-        self._send(wire.pack_header(Kind.HELLO, _ZERO_TID, flags=F_XPORT, body_len=len(raw)) + raw)
+        self._send(wire.pack_header(Kind.HELLO, ZERO_TID, flags=F_XPORT, body_len=len(raw)) + raw)
 
     def _reply(self, op: str, **fields: Any) -> None:
         """A transport message from the receive thread: a dead peer ends the loop, not a sender's call."""
         raw = wire.encode_body({"op": op, **fields})
-        frame = wire.pack_header(Kind.HELLO, _ZERO_TID, flags=F_XPORT, body_len=len(raw)) + raw
+        frame = wire.pack_header(Kind.HELLO, ZERO_TID, flags=F_XPORT, body_len=len(raw)) + raw
         with self._send_lock:
             try:
-                native.send_segments(self._fd, frame, _EMPTY, _EMPTY, self._io_timeout)
+                native.send_segments(self._fd, frame, EMPTY, EMPTY, self._io_timeout)
             except OSError as exc:  # TimeoutError included
-                raise _PeerClosed(self._pending is not None) from exc
+                raise PeerClosed(self._pending is not None) from exc
 
     def _wait(self, pred: Callable[[], bool], deadline: float, what: str) -> None:
         with self._cond:
@@ -264,28 +175,9 @@ class ShmChannel(Channel):
                     raise err
                 self._cond.wait(min(left, 0.5))
 
-    # -- Channel API -----------------------------------------------------------------------
-    def send_control(self, kind: Kind, transfer_id: str | bytes, body: dict[str, Any] | None = None) -> None:
-        kind = Kind(kind)
-        if kind == Kind.DATA:
-            msg = "DATA frames carry segments: use send_data, not send_control"
-            raise ValueError(msg)
-        raw = wire.encode_body(body)
-        if len(raw) > wire.MAX_BODY:
-            msg = f"control body of {len(raw)} bytes exceeds the {wire.MAX_BODY}-byte frame limit"
-            raise ValueError(msg)
-        self._send(wire.pack_header(kind, transfer_id, body_len=len(raw)) + raw)
-
-    def send_data(
-        self,
-        transfer_id: str | bytes,
-        layer: int,
-        src_addrs: np.ndarray,
-        dst_regions: np.ndarray,
-        dst_offsets: np.ndarray,
-        lengths: np.ndarray,
-        ready_event: int | None = None,
-    ) -> int:
+    # -- sending DATA -----------------------------------------------------------------------
+    def _send_data(self, transfer_id: str | bytes, layer: int, src: np.ndarray, regions: np.ndarray,
+                   offsets: np.ndarray, lens: np.ndarray, ready_event: int | None) -> int:
         """Send one DATA frame; returns the payload bytes (the sum of ``lengths``).
 
         Host destinations: returns once the last chunk is in the ring (the receiver scatters
@@ -293,21 +185,7 @@ class ShmChannel(Channel):
         receiver was told. ``ready_event`` (a CUDA event handle) is waited for on the GPU before
         the copy starts; for host destinations it is synchronised first.
         """
-        src = _u64(src_addrs, "src_addrs")
-        lens = _u64(lengths, "lengths")
-        regions = _u64(dst_regions, "dst_regions")
-        offsets = _u64(dst_offsets, "dst_offsets")
         n = len(lens)
-        if not (len(src) == len(regions) == len(offsets) == n):
-            msg = (f"send_data needs arrays of one length: src_addrs {len(src)}, dst_regions {len(regions)}, "
-                   f"dst_offsets {len(offsets)}, lengths {n}")
-            raise ValueError(msg)
-        if n > wire.MAX_SEGMENTS:
-            msg = f"{n} segments exceed the {wire.MAX_SEGMENTS}-segment frame limit; split the transfer"
-            raise ValueError(msg)
-        if not 0 <= layer <= wire.NO_LAYER:
-            msg = f"layer {layer} does not fit the frame header (0 .. {wire.NO_LAYER})"
-            raise ValueError(msg)
         if self.closed:
             raise self._closed_error()
         assert self._peer is not None, "send_data before the handshake"
@@ -346,7 +224,7 @@ class ShmChannel(Channel):
                     msg = f"host_path 'cma' cannot reach shm peer {self.peer_name}: {why}"
                     raise TransferError(msg)
                 else:
-                    log.info("shm channel %s: host memory moves through the ring: %s", self.peer_name, why)
+                    self.log.info("shm channel %s: host memory moves through the ring: %s", self.peer_name, why)
         return self._cma
 
     def _probe_cma(self) -> str | None:
@@ -365,7 +243,8 @@ class ShmChannel(Channel):
             return str(exc)
         return None
 
-    def _send_cma(self, head, src, regions, offsets, lens, total) -> int:
+    def _check_fits(self, regions: np.ndarray, offsets: np.ndarray, lens: np.ndarray) -> None:
+        """ValueError unless every segment lies inside the peer's region it names."""
         assert self._peer is not None
         ends = offsets + lens
         sizes = self._peer.nbytes[regions]
@@ -375,22 +254,36 @@ class ShmChannel(Channel):
             msg = (f"segment {i} [{int(offsets[i])}, +{int(lens[i])}) overruns region {int(regions[i])} of the peer "
                    f"({int(sizes[i])} bytes)")
             raise ValueError(msg)
+
+    def _send_cma(self, head, src, regions, offsets, lens, total) -> int:
+        assert self._peer is not None
+        self._check_fits(regions, offsets, lens)
         dst = self._peer.host_addresses()[regions] + offsets
         table = wire.pack_table(regions, offsets, lens)
+        pid = self._peer.pid
         with self._data_lock:
-            with self._cond:
-                self._go = None
-            self._send(head + table)
-            try:
-                self._wait(lambda: self._go is not None, time.monotonic() + self._io_timeout, "accept the frame")
-                if self._go:
-                    native.cma_copy(self._peer.pid, True, src, dst, lens, self._opts.cma_threads)
-                self._xport("end")
-            except BaseException as exc:
-                if not self.closed:
-                    self._fail(exc if isinstance(exc, TransferError) else TransferError(str(exc)))
-                raise
+            self._send_direct(head + table, "accept the frame",
+                              lambda: native.cma_copy(pid, True, src, dst, lens, self._opts.cma_threads))
         return total
+
+    def _send_direct(self, frame: bytes, what: str, write: Callable[[], object]) -> None:
+        """Header and table of a directly written frame, ``write`` once the receiver says ``go``, then ``end``.
+
+        Nothing is written on ``go: false``. The caller holds ``_data_lock``; a failure after the
+        header fails the channel (the receiver cannot resynchronise).
+        """
+        with self._cond:
+            self._go = None
+        self._send(frame)
+        try:
+            self._wait(lambda: self._go is not None, time.monotonic() + self._io_timeout, what)
+            if self._go:
+                write()
+            self._xport("end")
+        except BaseException as exc:
+            if not self.closed:
+                self._fail(exc if isinstance(exc, TransferError) else TransferError(str(exc)))
+            raise
 
     # -- host memory: the ring -------------------------------------------------------------
     def _ensure_ring(self) -> ShmRing:
@@ -471,14 +364,7 @@ class ShmChannel(Channel):
     def _send_gpu(self, head, src, regions, offsets, lens, total, ready_event) -> int:
         assert self._peer is not None
         device = local_gpu_sources(self._memory, src, lens)
-        ends = offsets + lens
-        sizes = self._peer.nbytes[regions]
-        over = (ends > sizes) | (ends < offsets)
-        if over.any():
-            i = int(np.argmax(over))
-            msg = (f"segment {i} [{int(offsets[i])}, +{int(lens[i])}) overruns region {int(regions[i])} of the peer "
-                   f"({int(sizes[i])} bytes)")
-            raise ValueError(msg)
+        self._check_fits(regions, offsets, lens)
         table = wire.pack_table(regions, offsets, lens)
         with self._data_lock:
             cuda, stream, done = self._gpu_for(device)
@@ -486,70 +372,30 @@ class ShmChannel(Channel):
             if bases is None:
                 bases = self._peer_bases[device] = peer_addresses(self._peer, self._transport.mappings, device)
             dst = bases[regions] + offsets
-            with self._cond:
-                self._go = None
-            self._send(head + table)
-            try:
-                deadline = time.monotonic() + self._io_timeout
-                self._wait(lambda: self._go is not None, deadline, "accept the GPU frame")
-                if self._go:
-                    if ready_event is not None:
-                        cuda.stream_wait_event(stream, ready_event)
-                    cuda.copy_segments(src, dst, lens, stream)
-                    cuda.event_record(done, stream)
-                    self._wait_event(cuda, done, time.monotonic() + self._io_timeout)
-                self._xport("end")
-            except BaseException as exc:
-                if not self.closed:
-                    self._fail(exc if isinstance(exc, TransferError) else TransferError(str(exc)))
-                raise
+
+            def write() -> None:
+                if ready_event is not None:
+                    cuda.stream_wait_event(stream, ready_event)
+                cuda.copy_segments(src, dst, lens, stream)
+                cuda.event_record(done, stream)
+                self._wait_event(cuda, done, time.monotonic() + self._io_timeout)
+
+            self._send_direct(head + table, "accept the GPU frame", write)
         return total
 
     # -- receiving ---------------------------------------------------------------------------
-    def _read_exact(self, n: int, mid_frame: bool = True) -> bytearray:
-        buf = bytearray(n)
-        view = memoryview(buf)
-        got = 0
-        while got < n:
-            k = self._sock.recv_into(view[got:], n - got)
-            if k == 0:
-                raise _PeerClosed(mid_frame or got > 0)
-            got += k
-        return buf
+    def _in_frame(self) -> bool:
+        return self._pending is not None
 
-    def _wait_frame(self) -> None:
-        poller = select.poll()
-        poller.register(self._fd, select.POLLIN | select.POLLPRI)
-        while not poller.poll(1000):
-            if self._closing:
-                return
-
-    def _one_frame(self) -> bool:
-        self._wait_frame()
-        try:
-            raw = self._read_exact(wire.HEADER_SIZE, mid_frame=self._pending is not None)
-        except _PeerClosed as exc:
-            if not exc.mid_frame:
-                return False
-            raise
-        h = wire.unpack_header(raw)
-        self._tid = h.transfer_id
-        body = self._read_exact(h.body_len) if h.body_len else b""
+    def _intercept(self, h: wire.FrameHeader, body: bytes | bytearray) -> bool:
+        """Transport messages never reach the handler; nothing else may precede the handshake."""
         if h.flags & F_XPORT:
             self._on_xport(wire.decode_body(bytes(body)))
             return True
         if self._peer is None:
             msg = f"{h.kind.name} frame before the shm handshake: the peer is not an shm transport"
             raise FrameError(msg)
-        if h.kind != Kind.DATA:
-            decoded = wire.decode_body(bytes(body))
-            try:
-                self._handler.on_control(self, h.kind, h.transfer_id, decoded)
-            except Exception:
-                log.exception("shm channel %s: on_control handler raised (frame dropped)", self.peer_name)
-            return True
-        self._on_data_header(h)
-        return True
+        return False
 
     def _on_data_header(self, h: wire.FrameHeader) -> None:
         if self._pending is not None:
@@ -559,8 +405,7 @@ class ShmChannel(Channel):
         if mode not in (F_RING, F_IPC, F_CMA):
             msg = f"DATA frame with flags 0x{h.flags:x}: an shm channel carries payloads only through its ring or IPC"
             raise FrameError(msg)
-        table = wire.unpack_table(self._read_exact(h.n_segments * wire.TABLE_DTYPE.itemsize),
-                                  h.n_segments, h.payload_len)
+        table = self._read_table(h)
         lengths = np.ascontiguousarray(table["length"])
         region_ids = np.ascontiguousarray(table["region"])
         addrs = self._memory.resolve(region_ids, np.ascontiguousarray(table["offset"]), lengths)
@@ -570,11 +415,7 @@ class ShmChannel(Channel):
                 kind = "GPU" if want_gpu else "host"
                 msg = f"a {kind}-memory frame names region {rid}, which is not {kind} memory on this side"
                 raise FrameError(msg)
-        try:
-            accepted = bool(self._handler.accept_data(h.transfer_id, h.layer))
-        except Exception:
-            log.exception("shm channel %s: accept_data handler raised (payload dropped)", self.peer_name)
-            accepted = False
+        accepted = self._accept(h)
         inc = _Incoming(h.transfer_id, h.layer, mode, h.payload_len, h.n_segments, accepted,
                         np.ascontiguousarray(addrs, dtype=np.uint64), lengths, payload_starts(lengths))
         if mode in _DIRECT:
@@ -587,12 +428,8 @@ class ShmChannel(Channel):
 
     def _complete(self, inc: _Incoming) -> None:
         self._pending = None
-        if not inc.accepted:
-            return
-        try:
-            self._handler.on_data(self, inc.tid, inc.layer, inc.nbytes, inc.n_segments)
-        except Exception:
-            log.exception("shm channel %s: on_data handler raised", self.peer_name)
+        if inc.accepted:
+            self._deliver(inc.tid, inc.layer, inc.nbytes, inc.n_segments)
 
     def _on_xport(self, body: dict[str, Any]) -> None:
         op = body.get("op")
@@ -633,13 +470,13 @@ class ShmChannel(Channel):
             why = (f"peer host {theirs!r} is not this host {mine!r}: the shm transport connects processes of one "
                    "host only; use the tcp transport between hosts")
             self._reply("refuse", error=why)
-            raise _Refused(why)
+            raise PeerRefused(why)
         self._peer = PeerTable.parse(body.get("regions", []), int(body.get("pid", -1)))
         try:
             regions = export_regions(self._memory)
         except TransferError as exc:
             self._reply("refuse", error=str(exc))
-            raise _Refused(str(exc)) from exc
+            raise PeerRefused(str(exc)) from exc
         self._reply("hello_ok", host=mine, pid=os.getpid(), regions=regions)
 
     def _on_ring(self, body: dict[str, Any]) -> None:
@@ -669,64 +506,18 @@ class ShmChannel(Channel):
         if inc.pos == inc.nbytes:
             self._complete(inc)
 
-    def _recv_loop(self) -> None:
-        error: BaseException | None = None
-        try:
-            while self._one_frame():
-                self._tid = _ZERO_TID
-            error = TransferError(f"shm peer {self.peer_name} closed the connection")
-            if self._pending is not None:
-                error = TransferError(f"shm peer {self.peer_name} closed the connection in the middle of a frame")
-        except _Refused as exc:
-            error = TransferError(f"refused shm peer {self.peer_name}: {exc}")
-        except FrameError as exc:
-            error = FrameError(f"malformed frame from shm peer {self.peer_name}: {exc}")
-            error.__cause__ = exc
-            if not self._closing:
-                self._refuse(str(exc))
-        except _PeerClosed:
-            error = TransferError(f"shm peer {self.peer_name} closed the connection in the middle of a frame")
-        except TimeoutError as exc:
-            error = TransferTimeoutError(
-                f"receiving from shm peer {self.peer_name} made no progress for {self._io_timeout:g} s")
-            error.__cause__ = exc
-        except OSError as exc:
-            error = TransferError(f"connection to shm peer {self.peer_name} lost: {exc}")
-            error.__cause__ = exc
-        except Exception as exc:
-            log.exception("shm channel %s: receive failed", self.peer_name)
-            error = TransferError(f"shm channel {self.peer_name}: receiving failed with {exc!r}")
-            error.__cause__ = exc
-        finally:
-            self._finish(error)
+    def _refusal(self, cause: str) -> str:
+        return (f"frame refused: {cause}. Both sides must run the same llumnix-kv release and name only regions "
+                "announced at handshake. The connection is closed.")
 
-    def _refuse(self, cause: str) -> None:
-        """Tell the peer why its frame was refused (best effort), before closing."""
-        raw = wire.encode_body({"error": f"frame refused: {cause}. Both sides must run the same llumnix-kv "
-                                          "release and name only regions announced at handshake. "
-                                          "The connection is closed."})
-        frame = wire.pack_header(Kind.ERROR, self._tid, body_len=len(raw)) + raw
-        if self._send_lock.acquire(timeout=1.0):
-            try:
-                if self._error is None:
-                    native.send_segments(self._fd, frame, _EMPTY, _EMPTY, min(self._io_timeout, 2.0))
-            except OSError:
-                pass
-            finally:
-                self._send_lock.release()
-        try:
-            self._sock.shutdown(socket.SHUT_WR)
-        except OSError:
-            pass
-
-    def _release_memory(self) -> None:
+    def _release(self) -> None:
         if self._in_ring is not None:
             self._in_ring.close()
             self._in_ring = None
         # A sender may still be inside a copy into the ring or a kernel launch: wait for it.
-        if not self._data_lock.acquire(timeout=_JOIN_S):
-            log.warning("shm channel %s: a send did not stop within %.0f s; leaving its ring mapped",
-                        self.peer_name, _JOIN_S)
+        if not self._data_lock.acquire(timeout=JOIN_S):
+            self.log.warning("shm channel %s: a send did not stop within %.0f s; leaving its ring mapped",
+                        self.peer_name, JOIN_S)
             return
         try:
             if self._out_ring is not None:
@@ -740,27 +531,6 @@ class ShmChannel(Channel):
                 cuda.stream_destroy(stream)
                 cuda.event_destroy(event)
         except Exception:
-            log.exception("shm channel %s: releasing GPU resources failed", self.peer_name)
+            self.log.exception("shm channel %s: releasing GPU resources failed", self.peer_name)
         finally:
             self._data_lock.release()
-
-    def _finish(self, error: BaseException | None) -> None:
-        with self._state_lock:
-            self._closed = True
-            if self._closing:
-                error = None
-            elif self._error is not None:
-                error = self._error
-        self._shutdown()
-        with self._cond:
-            self._cond.notify_all()
-        with self._send_lock:
-            self._sock.close()
-        self._release_memory()
-        try:
-            self._handler.on_closed(self, error)
-        except Exception:
-            log.exception("shm channel %s: on_closed handler raised", self.peer_name)
-        finally:
-            if self._on_exit is not None:
-                self._on_exit(self)

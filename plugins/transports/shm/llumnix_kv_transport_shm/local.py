@@ -7,9 +7,9 @@ import socket
 from dataclasses import dataclass
 from typing import Any
 
-from llumnix_kv_transport_tcp.sockets import parse_address
-
 from llumnix_kv_core.errors import TransferError
+from llumnix_kv_core.streams.sockets import options_from_extra
+from llumnix_kv_core.streams.sockets import parse_address
 
 DEFAULT_SLOT_BYTES = 4 << 20
 DEFAULT_SLOTS = 4
@@ -39,14 +39,7 @@ class ShmOptions:
     @classmethod
     def from_extra(cls, extra: tuple[tuple[str, Any], ...]) -> ShmOptions:
         known = {"slot_bytes", "slots", "copy_threads", "ring_dir", "host_path", "cma_threads"}
-        given = dict(extra)
-        unknown = sorted(set(given) - known)
-        if unknown:
-            msg = (
-                f"unknown shm transport option(s) {', '.join(unknown)}; "
-                f"the shm transport understands {', '.join(sorted(known))}"
-            )
-            raise ValueError(msg)
+        given = options_from_extra("shm", extra, known)
         opts = cls(**{k: (str(v) if k in ("ring_dir", "host_path") else int(v)) for k, v in given.items()})
         if opts.host_path not in ("auto", "cma", "ring"):
             msg = f"host_path must be 'auto', 'cma' or 'ring', got {opts.host_path!r}"

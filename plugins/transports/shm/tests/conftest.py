@@ -6,12 +6,11 @@ from pathlib import Path
 
 import pytest
 
-# shm_testkit (and the tcp testkit it builds on) must be importable by name, also in processes
-# started with the spawn method, which inherit sys.path.
-_HERE = Path(__file__).resolve().parent
-for _p in (str(_HERE), str(_HERE.parents[1] / "tcp" / "tests")):
-    if _p not in sys.path:
-        sys.path.insert(0, _p)
+# shm_testkit must be importable by name, also in processes started with the spawn method,
+# which inherit sys.path.
+_HERE = str(Path(__file__).resolve().parent)
+if _HERE not in sys.path:
+    sys.path.insert(0, _HERE)
 
 from llumnix_kv_transport_shm.transport import ShmTransport  # noqa: E402
 

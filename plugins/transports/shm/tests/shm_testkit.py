@@ -1,4 +1,4 @@
-"""Helpers of the shm transport tests: process entry points (spawn) on top of the tcp test kit."""
+"""Helpers of the shm transport tests: process entry points (spawn) on top of the core test kit."""
 
 from __future__ import annotations
 
@@ -10,22 +10,27 @@ from typing import Any
 
 import numpy as np
 import pytest
-from tcp_testkit import Recorder
-from tcp_testkit import expected_copy
-from tcp_testkit import registered
-from tcp_testkit import scatter_plan
 
 from llumnix_kv_core import native
 from llumnix_kv_core import wire
 from llumnix_kv_core.interfaces.transport import Channel
 from llumnix_kv_core.interfaces.transport import TransportConfig
 from llumnix_kv_core.memory import MemoryRegistry
+from llumnix_kv_core.testing import MP_BLOCK as BLOCK
+from llumnix_kv_core.testing import MP_BLOCKS as N_BLOCKS
+from llumnix_kv_core.testing import Recorder
+from llumnix_kv_core.testing import expected_copy
+from llumnix_kv_core.testing import mp_expected_digest
+from llumnix_kv_core.testing import mp_plan
+from llumnix_kv_core.testing import pattern
+from llumnix_kv_core.testing import read_frame
+from llumnix_kv_core.testing import registered
+from llumnix_kv_core.testing import scatter_plan
 from llumnix_kv_core.wire import Kind
 
-__all__ = ["PATHS", "Recorder", "expected_copy", "needs_cma", "registered", "ring_files", "scatter_plan"]
+__all__ = ["BLOCK", "N_BLOCKS", "PATHS", "Recorder", "expected_copy", "mp_expected_digest", "mp_plan", "needs_cma",
+           "read_frame", "registered", "ring_files", "scatter_plan"]
 
-N_BLOCKS = 8192
-BLOCK = 4096
 SMALL_RING = (("host_path", "ring"), ("slot_bytes", 1 << 20), ("slots", 3))
 CMA = (("host_path", "cma"),)
 needs_cma = pytest.mark.skipif(not native.has("cma"), reason="cross-memory copies need the compiled core")
@@ -38,25 +43,11 @@ def ring_files(pid: int | None = None, directory: str = "/dev/shm") -> list[str]
     return [f for f in os.listdir(directory) if f.startswith(prefix)]
 
 
-def _pattern(seed: int, nbytes: int) -> np.ndarray:
-    return np.random.default_rng(seed).integers(0, 256, size=nbytes, dtype=np.uint8)
-
-
-def mp_plan(seed: int):
-    return scatter_plan(np.random.default_rng(seed + 1), N_BLOCKS, BLOCK)
-
-
-def mp_expected_digest(seed: int) -> str:
-    src = _pattern(seed, N_BLOCKS * BLOCK)
-    s, d, n = mp_plan(seed)
-    return hashlib.sha256(expected_copy(src, N_BLOCKS * BLOCK, s, d, n).tobytes()).hexdigest()
-
-
 def sender_main(q, seed: int, extra=SMALL_RING) -> None:
     """Listen, answer a PULL with DATA + DONE on that channel, wait for the ACK."""
     from llumnix_kv_transport_shm.transport import ShmTransport
 
-    src = _pattern(seed, N_BLOCKS * BLOCK)
+    src = pattern(seed, N_BLOCKS * BLOCK)
     s_off, d_off, lengths = mp_plan(seed)
     base = np.uint64(src.ctypes.data)
     acked = threading.Event()

@@ -15,10 +15,10 @@ from shm_testkit import SMALL_RING
 from shm_testkit import Recorder
 from shm_testkit import expected_copy
 from shm_testkit import needs_cma
+from shm_testkit import read_frame
 from shm_testkit import registered
 from shm_testkit import ring_files
 from shm_testkit import scatter_plan
-from tcp_testkit import read_frame
 
 from llumnix_kv_core import native
 from llumnix_kv_core import wire

@@ -9,8 +9,6 @@ from importlib.metadata import entry_points
 import pytest
 from llumnix_kv_transport_tcp import plugin
 from llumnix_kv_transport_tcp.sockets import TcpOptions
-from llumnix_kv_transport_tcp.sockets import format_address
-from llumnix_kv_transport_tcp.sockets import parse_address
 from llumnix_kv_transport_tcp.transport import TcpTransport
 from tcp_testkit import Recorder
 
@@ -21,6 +19,8 @@ from llumnix_kv_core.manager import Registry
 from llumnix_kv_core.manager import build_registry
 from llumnix_kv_core.memory import MemoryRegistry
 from llumnix_kv_core.providers import TransportProvider
+from llumnix_kv_core.streams.sockets import format_address
+from llumnix_kv_core.streams.sockets import parse_address
 
 
 @pytest.mark.parametrize(("text", "want"), [
