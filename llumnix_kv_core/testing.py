@@ -1,6 +1,6 @@
 """Test helpers for layout parsers: plan + copy between TP ranks, and vLLM-built caches.
 
-``copy_between_ranks`` runs the plan compiler exactly as the transfer agent does (every
+``copy_by_rank_pair`` / ``copy_between_ranks`` run the plan compiler as the transfer agent does (every
 decode rank pulls from ``tp_sources``; each source compiles its template and plans the
 block pairs) and copies with ``native.copy_segments``. ``vllm_group`` builds one cache group
 with vLLM's own ``create_kv_cache_views`` over a flat int8 pool (needs vLLM and torch).
@@ -37,23 +37,29 @@ from llumnix_kv_core.plan import tp_sources
 from llumnix_kv_core.wire import Kind
 
 
-def copy_between_ranks(src: Sequence[TensorLayout], src_blocks: Sequence[int], dst: Sequence[TensorLayout],
-                       dst_blocks: Sequence[int]) -> list[int]:
+def copy_by_rank_pair(src: Sequence[TensorLayout], src_blocks: Sequence[int], dst: Sequence[TensorLayout],
+                      dst_blocks: Sequence[int]) -> dict[tuple[int, int], int]:
     """Move ``src_blocks`` of every source rank's tensor into ``dst_blocks`` of every destination rank's.
 
-    ``src[r]`` / ``dst[r]`` are the same layer on TP rank r. Returns the segments per destination rank.
+    ``src[r]`` / ``dst[r]`` are the same layer on TP rank r. Returns the segments per
+    (source rank, destination rank) pair that planned a copy.
     """
-    counts = []
+    segments = {}
     for d, dl in enumerate(dst):
-        n = 0
         for p in tp_sources(d, len(dst), len(src)):
             tpl = compile_template(src[p], dl, p, len(src), d, len(dst))
             plan = plan_tensor(tpl, src[p], src_blocks, dl, dst_blocks)
             native.copy_segments(plan.src_offsets + np.uint64(src[p].addr), plan.dst_offsets + np.uint64(dl.addr),
                                  plan.lengths)
-            n += len(plan.lengths)
-        counts.append(n)
-    return counts
+            segments[p, d] = len(plan.lengths)
+    return segments
+
+
+def copy_between_ranks(src: Sequence[TensorLayout], src_blocks: Sequence[int], dst: Sequence[TensorLayout],
+                       dst_blocks: Sequence[int]) -> list[int]:
+    """``copy_by_rank_pair``, returning the segments per destination rank."""
+    segments = copy_by_rank_pair(src, src_blocks, dst, dst_blocks)
+    return [sum(n for (_, d), n in segments.items() if d == r) for r in range(len(dst))]
 
 
 @dataclass

@@ -16,15 +16,13 @@ from llumnix_kv_layout_dsa.parser import SPARSE_BACKENDS
 from llumnix_kv_layout_dsa.parser import DsaParser
 from numpy.lib.stride_tricks import as_strided
 
-from llumnix_kv_core import native
 from llumnix_kv_core.errors import IncompatiblePeerError
 from llumnix_kv_core.errors import LayoutError
 from llumnix_kv_core.layout import CacheGroupDescription
 from llumnix_kv_core.layout import TensorDescription
 from llumnix_kv_core.layout import check_compatible
-from llumnix_kv_core.plan import compile_template
-from llumnix_kv_core.plan import plan_tensor
 from llumnix_kv_core.plan import tp_sources
+from llumnix_kv_core.testing import copy_by_rank_pair
 
 MLA = ["model.layers.0.self_attn.attn", "model.layers.1.self_attn.attn"]
 IDX = ["model.layers.0.self_attn.indexer.k_cache", "model.layers.1.self_attn.indexer.k_cache"]
@@ -72,17 +70,6 @@ def indexer_tokens(pages: np.ndarray) -> np.ndarray:
     keys = pages[:, :BLOCK * 128].reshape(-1, BLOCK, 128)
     scales = pages[:, BLOCK * 128:].reshape(-1, BLOCK, 4)
     return np.concatenate([keys, scales], axis=2)
-
-
-def move(src, sb, dst, db) -> dict[tuple[int, int], int]:
-    segs = {}
-    for d, dl in enumerate(dst):
-        for p in tp_sources(d, len(dst), len(src)):
-            plan = plan_tensor(compile_template(src[p], dl, p, len(src), d, len(dst)), src[p], sb, dl, db)
-            native.copy_segments(plan.src_offsets + np.uint64(src[p].addr), plan.dst_offsets + np.uint64(dl.addr),
-                                 plan.lengths)
-            segs[p, d] = len(plan.lengths)
-    return segs
 
 
 def region_bytes(pool: np.ndarray, tl, block: int, region: str) -> np.ndarray:
@@ -189,7 +176,7 @@ def test_latent_and_indexer_byte_exact(tp_p, tp_d, pads):
     src = [DsaParser().parse(x.desc) for x in p]
     dst = [DsaParser().parse(x.desc) for x in d]
     for i, n in enumerate(MLA + IDX):
-        segs = move([s.tensors[i] for s in src], sb, [x.tensors[i] for x in dst], db)
+        segs = copy_by_rank_pair([s.tensors[i] for s in src], sb, [x.tensors[i] for x in dst], db)
         for dr in range(tp_d):
             sent = {pr: c for (pr, dd), c in segs.items() if dd == dr and c}
             assert sent == {tp_sources(dr, tp_d, tp_p)[0]: 3}, n  # one page per block, from one prefill rank
@@ -223,13 +210,13 @@ def test_sglang_pool_to_vllm_and_back():
     vl = DsaParser().parse(v.desc)
     check_compatible(dict(sg.signature), dict(vl.signature))
     for t in sg.tensors:
-        move([t], [2], [vl.tensor(t.name)], [1])
+        copy_by_rank_pair([t], [2], [vl.tensor(t.name)], [1])
     np.testing.assert_array_equal(v.page(MLA[0])[1].reshape(BLOCK, LATENT), kv[2 * BLOCK:3 * BLOCK, 0])
     np.testing.assert_array_equal(indexer_tokens(v.page(IDX[0]))[1], indexer_tokens(ix)[2])
     kv2, ix2 = np.zeros_like(kv), np.zeros_like(ix)
     sg2 = DsaParser().parse(sglang_desc(kv2, ix2))
     for t in sg2.tensors:
-        move([vl.tensor(t.name)], [1], [t], [3])
+        copy_by_rank_pair([vl.tensor(t.name)], [1], [t], [3])
     np.testing.assert_array_equal(kv2[3 * BLOCK:], kv[2 * BLOCK:3 * BLOCK])
     np.testing.assert_array_equal(ix2[3], ix[2])
     assert not kv2[:3 * BLOCK].any()

@@ -17,15 +17,13 @@ from llumnix_kv_layout_flashinfer.parser import FlashInferParser
 from llumnix_kv_layout_flashinfer.parser import flashinfer_order
 from numpy.lib.stride_tricks import as_strided
 
-from llumnix_kv_core import native
 from llumnix_kv_core.errors import IncompatiblePeerError
 from llumnix_kv_core.errors import LayoutError
 from llumnix_kv_core.layout import CacheGroupDescription
 from llumnix_kv_core.layout import TensorDescription
 from llumnix_kv_core.layout import check_compatible
 from llumnix_kv_core.plan import compile_template
-from llumnix_kv_core.plan import plan_tensor
-from llumnix_kv_core.plan import tp_sources
+from llumnix_kv_core.testing import copy_by_rank_pair
 
 LAYERS = ["model.layers.0.self_attn.attn", "model.layers.1.self_attn.attn"]
 HEADS, N, D, ITEM = 4, 16, 8, 2  # global kv heads, tokens per block, head size, bf16
@@ -60,17 +58,6 @@ class VllmRank:
         """Layer i as [block, head slot, token, cell bytes]."""
         p = self.pool if pool is None else pool
         return as_strided(p[i * self.shape[0] * self.page:], shape=self.shape, strides=self.bstrides)
-
-
-def move(src, sb, dst, db) -> dict[tuple[int, int], int]:
-    segs = {}
-    for d, dl in enumerate(dst):
-        for p in tp_sources(d, len(dst), len(src)):
-            plan = plan_tensor(compile_template(src[p], dl, p, len(src), d, len(dst)), src[p], sb, dl, db)
-            native.copy_segments(plan.src_offsets + np.uint64(src[p].addr), plan.dst_offsets + np.uint64(dl.addr),
-                                 plan.lengths)
-            segs[p, d] = len(plan.lengths)
-    return segs
 
 
 def heads_of(rank: int, tp: int) -> list[int]:
@@ -161,7 +148,7 @@ def test_byte_exact_per_token_and_head(tp_p, tp_d, op, od):
     src = [FlashInferParser().parse(x.desc) for x in p]
     dst = [FlashInferParser().parse(x.desc) for x in d]
     for i in range(2):
-        segs = move([s.tensors[i] for s in src], sb, [x.tensors[i] for x in dst], db)
+        segs = copy_by_rank_pair([s.tensors[i] for s in src], sb, [x.tensors[i] for x in dst], db)
         if tp_p == tp_d and op == od:
             assert set(segs.values()) == {2}  # blocks 4-5 -> 1-2 and 0 -> 6, whole pages
     for r, x in enumerate(d):
@@ -183,7 +170,7 @@ def test_nvfp4_head_slots_split_k_and_v_over_tp():
     assert src[0].tensors[0].regions[0].shard.groups == (HEADS, HEADS)
     want = d.pool.copy()
     d.view(0, want)[[0, 3]] = np.concatenate([ks, vs], axis=1)[[2, 1]]
-    move([s.tensors[0] for s in src], [2, 1], [dst.tensors[0]], [0, 3])
+    copy_by_rank_pair([s.tensors[0] for s in src], [2, 1], [dst.tensors[0]], [0, 3])
     np.testing.assert_array_equal(d.pool, want)
 
 
@@ -210,7 +197,7 @@ def test_sglang_hnd_pool_tp1_to_tp2():
         for j, full in enumerate((pk, pv)):
             want[r][j][[0, 5]] = full[[3, 1]][:, heads_of(r, 2)]
     for j in range(2):
-        move([src.tensors[j]], [3, 1], [x.tensors[j] for x in dst], [0, 5])
+        copy_by_rank_pair([src.tensors[j]], [3, 1], [x.tensors[j] for x in dst], [0, 5])
     for r, (bufs, _) in enumerate(dec):
         for j in range(2):
             np.testing.assert_array_equal(bufs[j], want[r][j], err_msg=f"rank {r} {'kv'[j]}")

@@ -14,16 +14,13 @@ import numpy as np
 import pytest
 from llumnix_kv_layout_gdn.parser import GdnParser
 
-from llumnix_kv_core import native
 from llumnix_kv_core.errors import IncompatiblePeerError
 from llumnix_kv_core.errors import LayoutError
 from llumnix_kv_core.layout import MOVES_LAST_STATE
 from llumnix_kv_core.layout import CacheGroupDescription
 from llumnix_kv_core.layout import TensorDescription
 from llumnix_kv_core.layout import check_compatible
-from llumnix_kv_core.plan import compile_template
-from llumnix_kv_core.plan import plan_tensor
-from llumnix_kv_core.plan import tp_sources
+from llumnix_kv_core.testing import copy_by_rank_pair
 
 LAYERS = ["model.layers.0.linear_attn", "model.layers.1.linear_attn"]
 NK, NV, HK, HV, S = 2, 4, 16, 8, 3  # key heads, value heads, head dims, conv state length (kernel - 1)
@@ -87,17 +84,6 @@ def vllm_ranks(tp: int, layout: str, slots: int, seed: int) -> list[VllmRank]:
         x.rank = r
         out.append(x)
     return out
-
-
-def move(src, sb, dst, db) -> dict[tuple[int, int], int]:
-    segs = {}
-    for d, dl in enumerate(dst):
-        for p in tp_sources(d, len(dst), len(src)):
-            plan = plan_tensor(compile_template(src[p], dl, p, len(src), d, len(dst)), src[p], sb, dl, db)
-            native.copy_segments(plan.src_offsets + np.uint64(src[p].addr), plan.dst_offsets + np.uint64(dl.addr),
-                                 plan.lengths)
-            segs[p, d] = len(plan.lengths)
-    return segs
 
 
 @pytest.mark.parametrize("layout", ["SD", "DS"])
@@ -187,7 +173,7 @@ def test_last_state_moves_byte_exact(tp_p, tp_d, lp, ld):
     src = [GdnParser().parse(x.desc) for x in p]
     dst = [GdnParser().parse(x.desc) for x in d]
     for i in range(2):
-        segs = move([s.tensors[i] for s in src], sb, [x.tensors[i] for x in dst], db)
+        segs = copy_by_rank_pair([s.tensors[i] for s in src], sb, [x.tensors[i] for x in dst], db)
         if tp_p == tp_d and lp == ld:
             assert set(segs.values()) == {1}  # one state page, conv + temporal, is one segment
     for r, x in enumerate(d):
@@ -204,7 +190,8 @@ def test_p_tp2_to_d_tp1_concatenates_channel_groups():
     p, (d,) = vllm_ranks(2, "SD", 2, 1), vllm_ranks(1, "SD", 2, 2)
     for x in p:
         x.write(0, 1, gconv, gssm)
-    move([GdnParser().parse(x.desc).tensors[0] for x in p], [1], [GdnParser().parse(d.desc).tensors[0]], [0])
+    sources = [GdnParser().parse(x.desc).tensors[0] for x in p]
+    copy_by_rank_pair(sources, [1], [GdnParser().parse(d.desc).tensors[0]], [0])
     page = d.pages(0)[0]
     conv = page[:d.conv_bytes].copy().view(np.uint16).reshape(S, CONV)
     np.testing.assert_array_equal(conv, gconv)
@@ -239,7 +226,7 @@ def test_sglang_mamba_pool_tp1_to_tp2():
         want[r][0][7] = pc[4][rank_channels(r, 2)]
         want[r][1][7] = ps[4][rank_heads(r, 2)]
     for i in range(2):
-        move([src.tensors[i]], [4], [x.tensors[i] for x in dst], [7])
+        copy_by_rank_pair([src.tensors[i]], [4], [x.tensors[i] for x in dst], [7])
     for r, (c, s, _) in enumerate(dec):
         np.testing.assert_array_equal(c, want[r][0])
         np.testing.assert_array_equal(s, want[r][1])

@@ -13,15 +13,13 @@ from llumnix_kv_layout_mla.parser import MLA_BACKENDS
 from llumnix_kv_layout_mla.parser import MlaParser
 from numpy.lib.stride_tricks import as_strided
 
-from llumnix_kv_core import native
 from llumnix_kv_core.errors import IncompatiblePeerError
 from llumnix_kv_core.errors import LayoutError
 from llumnix_kv_core.layout import CacheGroupDescription
 from llumnix_kv_core.layout import TensorDescription
 from llumnix_kv_core.layout import check_compatible
-from llumnix_kv_core.plan import compile_template
-from llumnix_kv_core.plan import plan_tensor
 from llumnix_kv_core.plan import tp_sources
+from llumnix_kv_core.testing import copy_by_rank_pair
 
 LAYERS = ["model.layers.0.self_attn.attn", "model.layers.1.self_attn.attn"]
 N, C, ITEM = 16, 576, 2  # tokens per block, latent elements per token, bf16
@@ -53,18 +51,6 @@ class VllmRank:
         p = self.pool if pool is None else pool
         row = self.page // N
         return as_strided(p[self.offsets[i]:], shape=(self.blocks, N, row), strides=(self.block_stride, row, 1))
-
-
-def move(src, sb, dst, db) -> dict[tuple[int, int], int]:
-    """Every decode rank pulls ``sb`` -> ``db`` from its prefill sources; segments per (prefill, decode) rank."""
-    segs = {}
-    for d, dl in enumerate(dst):
-        for p in tp_sources(d, len(dst), len(src)):
-            plan = plan_tensor(compile_template(src[p], dl, p, len(src), d, len(dst)), src[p], sb, dl, db)
-            native.copy_segments(plan.src_offsets + np.uint64(src[p].addr), plan.dst_offsets + np.uint64(dl.addr),
-                                 plan.lengths)
-            segs[p, d] = len(plan.lengths)
-    return segs
 
 
 def sglang_desc(rows: np.ndarray, page: int = N, backend: str = "MLATokenToKVPool") -> CacheGroupDescription:
@@ -156,7 +142,7 @@ def test_replicated_latent_byte_exact(tp_p, tp_d, lp, ld):
     src = [MlaParser().parse(x.desc) for x in p]
     dst = [MlaParser().parse(x.desc) for x in d]
     for i in range(2):
-        segs = move([s.tensors[i] for s in src], sb, [x.tensors[i] for x in dst], db)
+        segs = copy_by_rank_pair([s.tensors[i] for s in src], sb, [x.tensors[i] for x in dst], db)
         for dr in range(tp_d):
             senders = [pr for (pr, dd), n in segs.items() if dd == dr and n]
             assert senders == [tp_sources(dr, tp_d, tp_p)[0]]  # one prefill rank sends, the others nothing
@@ -171,7 +157,7 @@ def test_only_the_first_holder_sends():
     p = [VllmRank("LBNHC", 4, 200 + r, 2) for r in range(2)]
     (d,) = [VllmRank("LBNHC", 4, 300, 1)]
     src = [MlaParser().parse(x.desc) for x in p]
-    move([s.tensors[0] for s in src], [1], [MlaParser().parse(d.desc).tensors[0]], [3])
+    copy_by_rank_pair([s.tensors[0] for s in src], [1], [MlaParser().parse(d.desc).tensors[0]], [3])
     np.testing.assert_array_equal(d.tokens(0)[3], p[0].tokens(0)[1])
     assert not np.array_equal(d.tokens(0)[3], p[1].tokens(0)[1])
 
@@ -188,14 +174,14 @@ def test_sglang_slots_and_vllm_pages_both_ways():
     assert sg.signature["token_bytes"] == MlaParser().parse(VllmRank("LBNHC", 2, 0).desc).signature["token_bytes"]
     v = VllmRank("BLNHC", 4, 7)
     before = v.pool.copy()
-    move([t], [3, 1], [MlaParser().parse(v.desc).tensors[0]], [1, 2])
+    copy_by_rank_pair([t], [3, 1], [MlaParser().parse(v.desc).tensors[0]], [1, 2])
     np.testing.assert_array_equal(v.tokens(0)[1], rows[48:64, 0])
     np.testing.assert_array_equal(v.tokens(0)[2], rows[16:32, 0])
     v.tokens(0, before)[[1, 2]] = v.tokens(0)[[1, 2]]
     np.testing.assert_array_equal(v.pool, before)  # nothing else touched
     back = np.zeros_like(rows)
     sg_back = MlaParser().parse(sglang_desc(back))
-    move([MlaParser().parse(v.desc).tensors[0]], [2], [sg_back.tensors[0]], [4])
+    copy_by_rank_pair([MlaParser().parse(v.desc).tensors[0]], [2], [sg_back.tensors[0]], [4])
     np.testing.assert_array_equal(back[64:80, 0], rows[16:32, 0])
     assert not back[:64].any()
 
