@@ -11,10 +11,6 @@ import pytest
 
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
-# 128 is the CPU backend's block size: shorter than a block, exact multiples, several blocks, long.
-LENGTHS = (2, 5, 37, 127, 128, 129, 255, 256, 300, 384, 517, 640, 777, 1000, 1024, 1500, 2047, 2100, 64, 3000)
-MAX_TOKENS = 12
-
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory: pytest.TempPathFactory):
@@ -33,30 +29,8 @@ def cluster(model):
 
 
 @pytest.mark.parametrize("order", ["p-then-d", "concurrent"])
-def test_pd_token_identical(cluster, order: str) -> None:
-    from llumnix_kv_engine_vllm.demo import make_prompts
-
-    prompts = make_prompts(LENGTHS, seed=101 if order == "p-then-d" else 202)
-    base = cluster.baseline.generate(prompts, max_tokens=MAX_TOKENS)
-    before = cluster.decode.call("stats")
-    run = cluster.run_p_then_d if order == "p-then-d" else cluster.run_concurrent
-    p_out, d_out = run(prompts, MAX_TOKENS)
-    after = cluster.decode.call("stats")
-
-    assert all(len(p.token_ids) == 1 for p in p_out)
-    for prompt, d, b in zip(prompts, d_out, base):
-        assert d.token_ids == b.token_ids, f"prompt of {len(prompt)} tokens decoded differently"
-        assert len(d.token_ids) == MAX_TOKENS
-    # Every prompt token came over the wire; D computed only the last token of each prompt itself.
-    assert after["load"][0] - before["load"][0] == sum(len(p) for p in prompts)
-    assert after["load"][1] - before["load"][1] == len(prompts)
-    moved = after["transfer"]
-    assert moved.transfers_received - before["transfer"].transfers_received == len(prompts)
-    assert moved.bytes_received - before["transfer"].bytes_received > 0
-
-    held = cluster.drain()
-    assert held["prefill"] == {"pending": False, "used_blocks": 0}
-    assert held["decode"] == {"pending": False, "used_blocks": 0}
+def test_pd_token_identical(cluster, order: str, check_pd_round) -> None:
+    check_pd_round(cluster, order, seed=101 if order == "p-then-d" else 202)
 
 
 def test_p_output_params_follow_vllm_protocol(cluster) -> None:
