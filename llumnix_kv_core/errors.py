@@ -15,6 +15,10 @@ class UnknownPluginError(PluginError):
     """A configuration names a plugin that is not registered."""
 
 
+class ConfigError(LlumnixKVError):
+    """A configuration value is unknown, of the wrong type or out of range."""
+
+
 class NativeUnavailableError(LlumnixKVError):
     """The compiled core (or its CUDA part) is not importable or has no device."""
 

@@ -72,7 +72,7 @@ def llumnix_kv_register_engines() -> Iterable[EngineAdapterProvider]:
 def llumnix_kv_register_scenarios() -> Iterable[ScenarioPolicyProvider]:
     """Register scenario policies (``pd``, later ``kvstore``, ``migration``).
 
-    :return: ScenarioPolicyProvider records; ``factory(extra_config)`` returns a
+    :return: ScenarioPolicyProvider records; ``factory(ConnectorConfig)`` returns a
         :class:`~llumnix_kv_core.interfaces.policy.ScenarioPolicy` that decides,
         per request and in the scheduler process, what the engine adapter loads
         and saves.

@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING
 from typing import Any
 
 if TYPE_CHECKING:
+    from llumnix_kv_core.config import ConnectorConfig
     from llumnix_kv_core.interfaces.layout import LayoutParser
     from llumnix_kv_core.interfaces.policy import ScenarioPolicy
     from llumnix_kv_core.interfaces.transport import Transport
@@ -83,6 +84,6 @@ class ScenarioPolicyProvider:
     """A scenario (PD separation, KVStore, migration, ...): decides per request what moves where."""
 
     name: str
-    factory: Callable[[dict[str, Any]], ScenarioPolicy]
+    factory: Callable[[ConnectorConfig], ScenarioPolicy]
     description: str = ""
     is_available: Callable[[], Availability] = _always

@@ -351,11 +351,12 @@ def test_get_registry_is_built_once():
 # -- the built-in scenario, as the registry hands it out --------------------------------------------
 
 def test_pd_policy_from_the_registry(registry, monkeypatch):
+    from llumnix_kv_core.config import ConnectorConfig
     from llumnix_kv_core.errors import FrameError
     from llumnix_kv_core.errors import LlumnixKVError
     from llumnix_kv_core.scenarios import pd
 
-    policy = registry.scenario("pd").factory({"lease_s": 7})
+    policy = registry.scenario("pd").factory(ConnectorConfig.from_extra({"lease_s": 7}))
     assert policy.name == "pd"
     # prefill side
     assert pd.prefill_params() == {"do_remote_decode": True}
@@ -365,7 +366,10 @@ def test_pd_policy_from_the_registry(registry, monkeypatch):
     assert policy.save_plan(pd.prefill_params()).transfer_id != plan.transfer_id
     tid = "ab" * 16
     assert policy.save_plan({**pd.prefill_params(tid), "lease_s": 1.5}) == pd.SavePlan(tid, 1.5)
-    assert registry.scenario("pd").factory({}).save_plan(pd.prefill_params()).lease_s == pd.DEFAULT_LEASE_S
+    assert registry.scenario("pd").factory(ConnectorConfig()).save_plan(pd.prefill_params()).lease_s == 120.0
+    # A request may shorten the lease, never lengthen it nor break it.
+    for asked in (1e18, float("nan"), float("inf"), -1, 0, "x", None):
+        assert policy.save_plan({**pd.prefill_params(tid), "lease_s": asked}).lease_s == 7.0
     for params in (None, {}, {"do_remote_decode": False}, pd.decode_params(tid, ["h:1"])):
         assert policy.save_plan(params) is None
     with pytest.raises(FrameError, match=r"not 32 hex digits"):

@@ -13,9 +13,11 @@ Request protocol (vLLM's standard PD protocol, plus an optional ``transfer_id``)
 
 from __future__ import annotations
 
+import math
 import time
 from typing import Any
 
+from llumnix_kv_core.config import ConnectorConfig
 from llumnix_kv_core.errors import LlumnixKVError
 from llumnix_kv_core.interfaces.policy import LoadPlan
 from llumnix_kv_core.interfaces.policy import SavePlan
@@ -24,8 +26,6 @@ from llumnix_kv_core.markers import hookimpl
 from llumnix_kv_core.providers import ScenarioPolicyProvider
 from llumnix_kv_core.wire import canonical_transfer_id
 from llumnix_kv_core.wire import new_transfer_id
-
-DEFAULT_LEASE_S = 120.0
 
 
 def prefill_params(transfer_id: str | None = None) -> dict[str, Any]:
@@ -50,8 +50,8 @@ def decode_params(transfer_id: str, remote_addresses: list[str], remote_engine_i
 class PDPolicy(ScenarioPolicy):
     name = "pd"
 
-    def __init__(self, extra_config: dict[str, Any]) -> None:
-        self.lease_s = float(extra_config.get("lease_s", DEFAULT_LEASE_S))
+    def __init__(self, config: ConnectorConfig) -> None:
+        self.lease_s = config.lease_s
 
     def load_plan(self, params: dict[str, Any] | None) -> LoadPlan | None:
         if not params or not params.get("do_remote_prefill"):
@@ -70,7 +70,15 @@ class PDPolicy(ScenarioPolicy):
         if not params or not params.get("do_remote_decode"):
             return None
         tid = canonical_transfer_id(params.get("transfer_id") or new_transfer_id())
-        return SavePlan(tid, float(params.get("lease_s", self.lease_s)))
+        return SavePlan(tid, self._lease(params.get("lease_s")))
+
+    def _lease(self, asked: Any) -> float:
+        """A request may ask for a shorter lease than the configured one, never a longer or a broken one."""
+        try:
+            lease = float(asked)
+        except (TypeError, ValueError):
+            return self.lease_s
+        return min(lease, self.lease_s) if math.isfinite(lease) and lease > 0 else self.lease_s
 
     def output_params(self, plan: SavePlan, addresses: list[str], engine_id: str) -> dict[str, Any]:
         out = decode_params(plan.transfer_id, addresses, engine_id)

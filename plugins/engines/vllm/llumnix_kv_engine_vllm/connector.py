@@ -4,11 +4,10 @@ Configuration (``--kv-transfer-config``)::
 
     {"kv_connector": "LlumnixKVConnector",
      "kv_role": "kv_producer" | "kv_consumer" | "kv_both",
-     "kv_connector_extra_config": {
-        "scenario": "pd",                # scenario policy plugin
-        "transport": "tcp",              # transport plugin
-        "host": "127.0.0.1", "port": 0,  # producer listen address (port + tp rank; 0 = ephemeral)
-        "connections_per_peer": 2, "transfer_timeout_s": 60, "lease_s": 120}}
+     "kv_connector_extra_config": {"scenario": "pd", "transport": "tcp", "port": 15500, ...}}
+
+``kv_connector_extra_config`` is read into :class:`llumnix_kv_core.config.ConnectorConfig`
+(every option, its default and its bounds); unknown keys are refused.
 
 The class is a thin facade: request bookkeeping lives in ``scheduler.SchedulerSide``,
 data movement in ``worker.WorkerSide`` (which owns a core ``KVAgent``).
@@ -25,6 +24,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorTransfe
 from vllm.distributed.kv_transfer.kv_connector.v1.base import SupportsHMA
 
 from llumnix_kv_core.agent import AgentStats
+from llumnix_kv_core.config import ConnectorConfig
 from llumnix_kv_core.manager import get_registry
 from llumnix_kv_engine_vllm.metadata import LlumnixConnectorMetadata
 from llumnix_kv_engine_vllm.scheduler import SchedulerSide
@@ -39,16 +39,14 @@ if TYPE_CHECKING:
     from vllm.v1.kv_cache_interface import KVCacheConfig
     from vllm.v1.request import Request
 
-DEFAULTS: dict[str, Any] = {"scenario": "pd", "transport": "tcp"}
-
 
 class LlumnixKVConnector(KVConnectorBase_V1, SupportsHMA):
     def __init__(self, vllm_config: VllmConfig, role: KVConnectorRole, kv_cache_config: KVCacheConfig) -> None:
         super().__init__(vllm_config, role, kv_cache_config)
-        options = {**DEFAULTS, **(self._kv_transfer_config.kv_connector_extra_config or {})}
+        config = ConnectorConfig.from_extra(self._kv_transfer_config.kv_connector_extra_config)
         registry = get_registry()
-        registry.transport(options["transport"])  # fail fast, naming the plugin, in every process
-        policy = registry.scenario(options["scenario"]).factory(options)
+        registry.transport(config.transport)  # fail fast, naming the plugin, in every process
+        policy = registry.scenario(config.scenario).factory(config)
         self._scheduler: SchedulerSide | None = None
         self._worker: WorkerSide | None = None
         if role == KVConnectorRole.SCHEDULER:
@@ -58,7 +56,7 @@ class LlumnixKVConnector(KVConnectorBase_V1, SupportsHMA):
         else:
             from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
 
-            self._worker = WorkerSide(vllm_config, kv_cache_config, options, get_tensor_model_parallel_rank())
+            self._worker = WorkerSide(vllm_config, kv_cache_config, config, get_tensor_model_parallel_rank())
 
     # -- scheduler side ------------------------------------------------------------------------------
     def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int | None, bool]:

@@ -9,12 +9,11 @@ from __future__ import annotations
 import logging
 import math
 from collections import deque
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
-from typing import Any
 
 from llumnix_kv_core.agent import KVAgent
 from llumnix_kv_core.errors import LayoutError
-from llumnix_kv_core.interfaces.transport import TransportConfig
 from llumnix_kv_core.layout import MOVES_LAST_STATE
 from llumnix_kv_core.layout import signature_hash
 from llumnix_kv_core.manager import get_registry
@@ -30,15 +29,35 @@ if TYPE_CHECKING:
     from vllm.config import VllmConfig
     from vllm.v1.kv_cache_interface import KVCacheConfig
 
+    from llumnix_kv_core.config import ConnectorConfig
+
 log = logging.getLogger(__name__)
 
 
+@dataclass
+class SendState:
+    """Prefill side: a transfer whose source blocks the sender keeps until a receiver has them."""
+
+    req_id: str
+    engine_waits: bool = True  # vLLM frees the blocks only after a finished_sending report
+    released: bool = False  # the sender let go of the blocks
+    engine_finished: bool = False  # vLLM reported the request finished
+
+
+@dataclass
+class LoadState:
+    """Decode side: a transfer being pulled into the request's blocks."""
+
+    task: LoadTask
+    cancelled: bool = False  # vLLM aborted the request; its blocks stay until the pull is fenced
+
+
 class WorkerSide:
-    def __init__(self, vllm_config: VllmConfig, kv_cache_config: KVCacheConfig, options: dict[str, Any],
+    def __init__(self, vllm_config: VllmConfig, kv_cache_config: KVCacheConfig, config: ConnectorConfig,
                  rank: int) -> None:
         self.vllm_config = vllm_config
         self.kv_cache_config = kv_cache_config
-        self.options = options
+        self.config = config
         self.rank = rank
         self.agent: KVAgent | None = None
         self._events: LayerEvents | None = None  # GPU caches: per-layer readiness events
@@ -50,23 +69,20 @@ class WorkerSide:
         # once the prefill is complete; value: trailing speculative scratch slots to skip.
         self._state_groups: dict[int, int] = {}
         self._step_saves: list = []
-        self._send_req: dict[str, str] = {}  # transfer id -> request id (prefill side)
-        self._released: set[str] = set()  # request ids whose source blocks may be freed
-        self._finished: set[str] = set()  # request ids the engine reported finished (prefill side)
-        self._recv_req: dict[str, LoadTask] = {}  # transfer id -> task (decode side)
-        self._cancelled: set[str] = set()
-        self._failed_recv: set[str] = set()
-        self._unreported: set[str] = set()  # transfer ids whose release the engine does not wait for
-        self._late_recving: set[str] = set()  # cancelled after completion was already reported
+        self._transfers: dict[str, SendState | LoadState] = {}  # transfer id -> its state on this worker
+        # Reports owed to vLLM at the next get_finished (request ids).
+        self._owed_recving: set[str] = set()  # cancelled after their completion was already reported
+        self._owed_failed: set[str] = set()
         self.recent_errors: deque[tuple[str, str]] = deque(maxlen=100)  # (request id, why a load failed)
 
     # -- setup -------------------------------------------------------------------------------------
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:
         registry = get_registry()
         devices = {t.device.type for t in kv_caches.values()}
-        kinds = registry.transport(self.options["transport"]).memory_kinds
+        provider = registry.transport(self.config.transport)
+        kinds = provider.memory_kinds
         if devices != {"cpu"} and not (devices == {"cuda"} and "cuda" in kinds):
-            msg = (f"KV caches live on {sorted(devices)}; the {self.options['transport']!r} transport moves "
+            msg = (f"KV caches live on {sorted(devices)}; the {self.config.transport!r} transport moves "
                    f"{' and '.join(kinds)} memory only. Use a transport that supports device memory "
                    "(e.g. shm between GPUs of one host).")
             raise LayoutError(msg)
@@ -84,20 +100,13 @@ class WorkerSide:
                 spec = self.kv_cache_config.kv_cache_groups[lay.group_id].kv_cache_spec
                 self._state_groups[lay.group_id] = int(getattr(spec, "num_speculative_blocks", 0) or 0)
         signature = engine_signature(self.vllm_config, [dict(lay.signature) for lay in layouts])
-        provider = registry.transport(self.options["transport"])
-        cfg = TransportConfig(
-            connect_timeout_s=float(self.options.get("connect_timeout_s", 10.0)),
-            io_timeout_s=float(self.options.get("io_timeout_s", 30.0)),
-            connections_per_peer=int(self.options.get("connections_per_peer", 2)),
-            extra=tuple(sorted((self.options.get("transport_options") or {}).items())),
-        )
-        self.agent = KVAgent(provider.factory(cfg), layouts, signature,
-                             timeout_s=float(self.options.get("transfer_timeout_s", 60.0)), device=device,
+        self.agent = KVAgent(provider.factory(self.config.transport_config()), layouts, signature,
+                             timeout_s=self.config.transfer_timeout_s, device=device,
                              tp_rank=self.rank, tp_size=self.vllm_config.parallel_config.tensor_parallel_size)
         if self.vllm_config.kv_transfer_config.is_kv_producer:
-            port = int(self.options.get("port", 0))
-            addr = self.agent.listen(str(self.options.get("host", "127.0.0.1")), port + self.rank if port else 0)
-            log.info("llumnix-kv worker %d listening on %s (%s)", self.rank, addr, self.options["transport"])
+            port = self.config.port
+            addr = self.agent.listen(self.config.host, port + self.rank if port else 0)
+            log.info("llumnix-kv worker %d listening on %s (%s)", self.rank, addr, self.config.transport)
         self.signature_hash = signature_hash(signature)
 
     def handshake_metadata(self) -> LlumnixHandshakeMetadata | None:
@@ -126,36 +135,36 @@ class WorkerSide:
         for task in meta.loads:
             blocks = self._blocks(task.blocks)
             start = {g: 0 if g in self._state_groups else task.start_token // self.block_sizes[g] for g in blocks}
-            self._recv_req[task.transfer_id] = task
+            self._transfers[task.transfer_id] = LoadState(task)
             # Every prefill TP rank's address: this rank pulls from those that hold its slices.
             agent.receiver.start(task.transfer_id, list(task.addresses), blocks, start)
         for req_id, tid in meta.cancelled_loads:
-            if tid not in self._recv_req:
+            load = self._transfers.get(tid)
+            if not isinstance(load, LoadState):
                 # Its completion was reported before the engine finished the request; the engine now
                 # waits for another report to free the blocks.
-                self._late_recving.add(req_id)
+                self._owed_recving.add(req_id)
                 continue
-            self._cancelled.add(req_id)
+            load.cancelled = True
             agent.receiver.cancel(tid)
         for s in meta.saves:
-            self._send_req[s.transfer_id] = s.req_id
+            self._transfers.setdefault(s.transfer_id, SendState(s.req_id))
             blocks = self._blocks(s.blocks)
             ready = {g: 0 if g in self._state_groups else s.computed_before // self.block_sizes[g] for g in blocks}
             agent.sender.open(s.transfer_id, blocks, ready)
         self._step_saves = meta.saves
         for f in meta.finished_saves:
-            self._send_req[f.transfer_id] = f.req_id
-            if not f.delayed:
-                self._unreported.add(f.transfer_id)
+            send = self._transfers.setdefault(f.transfer_id, SendState(f.req_id))
+            assert isinstance(send, SendState)
+            send.engine_waits = f.delayed
             agent.sender.seal(f.transfer_id, f.ok, f.lease_s)
 
     def preempted(self, meta: LlumnixConnectorMetadata) -> None:
         """Before the forward reuses a preempted request's blocks: stop every send reading them."""
         if self.agent is None:
             return
-        timeout = float(self.options.get("io_timeout_s", 30.0))
         for tid in meta.preempted_saves:
-            self.agent.sender.preempt(tid, timeout)
+            self.agent.sender.preempt(tid, self.config.io_timeout_s)
 
     def save_layer(self, layer_name: str) -> None:
         group = self._layer_group.get(layer_name)
@@ -189,32 +198,40 @@ class WorkerSide:
         if self.agent is None:
             return None, None
         for tid in self.agent.sender.poll_released():
-            req = self._send_req.pop(tid, None)
-            if tid in self._unreported:
-                self._unreported.discard(tid)
-            elif req is not None:
-                self._released.add(req)
-        self._finished |= finished_req_ids
-        sending = self._released & self._finished
-        self._released -= sending
-        self._finished -= sending
-        done, failed = self.agent.receiver.poll()
-        recving, self._late_recving = self._late_recving, set()
-        for tid in done:
-            recving.add(self._recv_req.pop(tid).req_id)
-        for tid, why in failed.items():
-            task = self._recv_req.pop(tid)
-            recving.add(task.req_id)
-            if task.req_id in self._cancelled:
-                self._cancelled.discard(task.req_id)
+            send = self._transfers.get(tid)
+            if isinstance(send, SendState):
+                send.released = True
+        sending: set[str] = set()
+        for tid, send in list(self._transfers.items()):
+            if not isinstance(send, SendState):
                 continue
-            log.error("KV load of request %s (transfer %s) failed: %s", task.req_id, tid, why)
-            self.recent_errors.append((task.req_id, why))
-            self._failed_recv.add(task.req_id)
+            send.engine_finished |= send.req_id in finished_req_ids
+            if send.released and (send.engine_finished or not send.engine_waits):
+                del self._transfers[tid]
+                if send.engine_waits:
+                    sending.add(send.req_id)
+        done, failed = self.agent.receiver.poll()
+        recving, self._owed_recving = self._owed_recving, set()
+        for tid in done:
+            recving.add(self._pop_load(tid).task.req_id)
+        for tid, why in failed.items():
+            load = self._pop_load(tid)
+            req_id = load.task.req_id
+            recving.add(req_id)
+            if load.cancelled:
+                continue
+            log.error("KV load of request %s (transfer %s) failed: %s", req_id, tid, why)
+            self.recent_errors.append((req_id, why))
+            self._owed_failed.add(req_id)
         return sending or None, recving or None
 
+    def _pop_load(self, tid: str) -> LoadState:
+        load = self._transfers.pop(tid)
+        assert isinstance(load, LoadState), f"transfer {tid} is not a load on this worker"
+        return load
+
     def take_failed_recving(self) -> set[str]:
-        out, self._failed_recv = self._failed_recv, set()
+        out, self._owed_failed = self._owed_failed, set()
         return out
 
     def shutdown(self) -> None:
