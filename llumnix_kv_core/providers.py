@@ -52,6 +52,10 @@ class TransportProvider:
     description: str = ""
     memory_kinds: tuple[str, ...] = ("cpu",)
     remote: bool = True  # can reach another host
+    # How its peers reach device memory this process allocated: "legacy_ipc" (cudaIpc handles,
+    # not valid on virtual-memory allocations), "exports_fd" (cuMem POSIX-fd handles), "registers"
+    # (registered with an RDMA NIC). Engines that allocate KV differently per case read this.
+    device_access: tuple[str, ...] = ()
     is_available: Callable[[], Availability] = _always
 
 

@@ -44,7 +44,8 @@ def test_defaults_come_from_the_dataclass_alone():
     cfg = ConnectorConfig.from_extra({"transport": "shm", "port": "15500", "lease_s": 5,
                                       "transport_options": {"host_path": "ring"}})
     assert (cfg.transport, cfg.port, cfg.lease_s) == ("shm", 15500, 5.0)
-    assert isinstance(cfg.port, int) and isinstance(cfg.lease_s, float)
+    assert isinstance(cfg.port, int)
+    assert isinstance(cfg.lease_s, float)
     assert cfg.transport_config().extra == (("host_path", "ring"),)
     assert cfg.transport_config().io_timeout_s == 30.0
     with pytest.raises(TypeError):

@@ -16,6 +16,8 @@ class LoadPlan:
     remote_addresses: tuple[str, ...]  # one per sender rank
     remote_engine_id: str
     extra: dict[str, Any] = field(default_factory=dict)
+    # Where the KV comes from, as engines count cache hits: "p2p" (another instance), "host", "disk".
+    source: str = "p2p"
 
 
 @dataclass(frozen=True)

@@ -18,20 +18,25 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 from typing import Any
 
+import vllm
 from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorBase_V1
 from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorRole
 from vllm.distributed.kv_transfer.kv_connector.v1.base import KVConnectorTransferResults
 from vllm.distributed.kv_transfer.kv_connector.v1.base import SupportsHMA
+from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
 from llumnix_kv_core.agent import AgentStats
 from llumnix_kv_core.config import ConnectorConfig
 from llumnix_kv_core.manager import get_registry
+from llumnix_kv_engine_vllm.compat import check_supported
+from llumnix_kv_engine_vllm.compat import kv_cache_access_flags
 from llumnix_kv_engine_vllm.metadata import LlumnixConnectorMetadata
 from llumnix_kv_engine_vllm.scheduler import SchedulerSide
 from llumnix_kv_engine_vllm.worker import WorkerSide
 
 if TYPE_CHECKING:
     import torch
+    from vllm.config import KVTransferConfig
     from vllm.config import VllmConfig
     from vllm.forward_context import ForwardContext
     from vllm.v1.core.kv_cache_manager import KVCacheBlocks
@@ -43,6 +48,7 @@ if TYPE_CHECKING:
 class LlumnixKVConnector(KVConnectorBase_V1, SupportsHMA):
     def __init__(self, vllm_config: VllmConfig, role: KVConnectorRole, kv_cache_config: KVCacheConfig) -> None:
         super().__init__(vllm_config, role, kv_cache_config)
+        check_supported(vllm.__version__)
         config = ConnectorConfig.from_extra(self._kv_transfer_config.kv_connector_extra_config)
         registry = get_registry()
         registry.transport(config.transport)  # fail fast, naming the plugin, in every process
@@ -58,7 +64,18 @@ class LlumnixKVConnector(KVConnectorBase_V1, SupportsHMA):
 
             self._worker = WorkerSide(vllm_config, kv_cache_config, config, get_tensor_model_parallel_rank())
 
+    @classmethod
+    def kv_cache_access(cls, kv_transfer_config: KVTransferConfig) -> Any:
+        """vLLM 0.34+: how peers reach the device KV cache, as the configured transport declares it."""
+        config = ConnectorConfig.from_extra(kv_transfer_config.kv_connector_extra_config)
+        return kv_cache_access_flags(get_registry().transport(config.transport).device_access)
+
     # -- scheduler side ------------------------------------------------------------------------------
+    def get_external_cache_hit_sources(self, request: Request, num_external_tokens: int) -> dict[Any, int]:
+        """Tokens loaded for ``request`` by source, for ``vllm:prompt_tokens_cached_by_source``."""
+        assert self._scheduler is not None
+        return {CacheHitSource(k): n for k, n in self._scheduler.hit_sources(request, num_external_tokens).items()}
+
     def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int | None, bool]:
         assert self._scheduler is not None
         return self._scheduler.get_num_new_matched_tokens(request, num_computed_tokens)

@@ -11,6 +11,7 @@ from llumnix_kv_core.layout import CacheGroupDescription
 from llumnix_kv_core.layout import TensorDescription
 from llumnix_kv_core.layout import signature_hash
 from llumnix_kv_core.wire import VERSION as WIRE_VERSION
+from llumnix_kv_engine_vllm.compat import cpu_attention_isa
 
 if TYPE_CHECKING:
     from vllm.config import VllmConfig
@@ -85,9 +86,7 @@ def spec_extra(vllm_config: VllmConfig, spec: Any) -> dict[str, Any]:
 
 
 def _cpu_isa(spec: Any, dtype: torch.dtype, cache_dtype: str) -> str:
-    from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
-
-    return _get_attn_isa(dtype, spec.block_size, spec.head_size, cache_dtype)
+    return cpu_attention_isa(dtype, spec.block_size, spec.head_size, cache_dtype)
 
 
 def describe_groups(

@@ -1,6 +1,7 @@
 from llumnix_kv_core import hookimpl
 from llumnix_kv_core.providers import Availability
 from llumnix_kv_core.providers import EngineAdapterProvider
+from llumnix_kv_engine_vllm.compat import SUPPORTED
 
 
 def _available() -> Availability:
@@ -13,7 +14,7 @@ def llumnix_kv_register_engines() -> list[EngineAdapterProvider]:
         EngineAdapterProvider(
             "vllm",
             engine="vllm",
-            versions=">=0.32,<0.34",
+            versions=SUPPORTED,
             entry="llumnix_kv_engine_vllm.connector:LlumnixKVConnector",
             description="KV connector LlumnixKVConnector (KVConnectorBase_V1 + SupportsHMA)",
             is_available=_available,

@@ -9,6 +9,8 @@ from typing import Any
 from llumnix_kv_core.interfaces.policy import LoadPlan
 from llumnix_kv_core.interfaces.policy import SavePlan
 from llumnix_kv_core.interfaces.policy import ScenarioPolicy
+from llumnix_kv_engine_vllm.compat import resumed_req_ids
+from llumnix_kv_engine_vllm.compat import truncate_prompt
 from llumnix_kv_engine_vllm.metadata import LlumnixConnectorMetadata
 from llumnix_kv_engine_vllm.metadata import LoadTask
 from llumnix_kv_engine_vllm.metadata import SaveFinished
@@ -52,9 +54,7 @@ class SchedulerSide:
             return
         if request.prompt_token_ids is None or request.get_skip_reading_prefix_cache():
             return
-        del request.prompt_token_ids[-self.backoff:]
-        del request._all_token_ids[-self.backoff:]
-        request.num_prompt_tokens -= self.backoff
+        truncate_prompt(request, self.backoff)
         request.max_tokens = 1
         params["_llumnix_truncated"] = True
 
@@ -63,6 +63,13 @@ class SchedulerSide:
         return n - self.backoff if self.backoff and n > self.backoff else n
 
     # -- decode side -----------------------------------------------------------------------------
+    def hit_sources(self, request: Request, num_external_tokens: int) -> dict[str, int]:
+        """Where the ``num_external_tokens`` of ``request`` come from (source name -> tokens)."""
+        plan = self._loading.get(request.request_id)
+        if num_external_tokens <= 0 or plan is None:
+            return {}
+        return {plan.source: num_external_tokens}
+
     def get_num_new_matched_tokens(self, request: Request, num_computed_tokens: int) -> tuple[int, bool]:
         if request.request_id in self._loading:
             return 0, False
@@ -120,15 +127,18 @@ class SchedulerSide:
                 prompt_len = len(new.prompt_token_ids or ())
                 self._saving[new.req_id] = (plan, [list(b) for b in new.block_ids], prompt_len)
             if new.req_id in self._saving:
+                # A new request, or (vLLM 0.34) one resumed after preemption: its whole block table.
+                self._saving[new.req_id][1][:] = [list(b) for b in new.block_ids]
                 self._save_step(new.req_id, new.num_computed_tokens, out.num_scheduled_tokens[new.req_id])
         cached = out.scheduled_cached_reqs
+        resumed = resumed_req_ids(cached)
         for i, req_id in enumerate(cached.req_ids):
             if req_id not in self._saving:
                 continue
             _plan, blocks, _ = self._saving[req_id]
             new_ids = cached.new_block_ids[i]
             if new_ids is not None:
-                if req_id in cached.resumed_req_ids:
+                if req_id in resumed:
                     blocks[:] = [list(b) for b in new_ids]
                 else:
                     for g, b in enumerate(new_ids):

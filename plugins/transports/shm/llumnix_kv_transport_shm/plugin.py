@@ -28,5 +28,6 @@ def llumnix_kv_register_transports() -> list[TransportProvider]:
             "CUDA IPC and one gather/scatter kernel per frame",
             memory_kinds=("cpu", "cuda"),
             remote=False,
+            device_access=("legacy_ipc",),
         )
     ]

