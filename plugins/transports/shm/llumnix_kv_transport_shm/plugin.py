@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from llumnix_kv_core.markers import hookimpl
+from llumnix_kv_core.providers import PluginCommand
 from llumnix_kv_core.providers import TransportProvider
 
 if TYPE_CHECKING:
@@ -28,5 +29,7 @@ def llumnix_kv_register_transports() -> list[TransportProvider]:
             "CUDA IPC and one gather/scatter kernel per frame",
             memory_kinds=("cpu", "cuda"),
             remote=False,
+            commands=(PluginCommand("bench", "host-memory rates between two processes; --gpu: GPU0 -> GPU1, "
+                                    "GPU <-> pinned host, layer-wise", "llumnix_kv_transport_shm.bench:main"),),
         )
     ]
