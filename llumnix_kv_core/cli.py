@@ -76,7 +76,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--strict", action="store_true", help="exit 1 if any plugin failed to load")
     p.set_defaults(func=cmd_plugins)
     d = sub.add_parser("demo", allow_abbrev=False, help="prefill/decode separation on real engines, against a "
-                       "colocated engine; other options go to the engine's demo (llumnix-kv demo --help-demo)")
+                       "colocated engine; other options go to the engine's demo (llumnix-kv run engine vllm demo "
+                       "--help lists them)")
     d.add_argument("--engine", default="vllm", help="the engine adapter whose demo runs (default vllm)")
     d.set_defaults(func=cmd_demo)
     b = sub.add_parser("bench", add_help=False, allow_abbrev=False,

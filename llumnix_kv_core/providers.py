@@ -73,6 +73,9 @@ class PluginCommand:
         if not isinstance(self.name, str) or not _COMMAND_NAME.match(self.name):
             msg = f"command name {self.name!r} must be lower-case letters, digits and '-'"
             raise ValueError(msg)
+        if not isinstance(self.help, str):
+            msg = f"command {self.name!r}: help must be a string"
+            raise TypeError(msg)
         if not isinstance(self.entry, str) or not _ENTRY.match(self.entry):
             msg = f"command {self.name!r}: entry {self.entry!r} is not 'module:function'"
             raise ValueError(msg)

@@ -247,6 +247,8 @@ def test_plugin_command_fields_and_run(plugin_modules):
     for name in ("", "Bench", "two words", "-x"):
         with pytest.raises(ValueError, match="lower-case letters, digits and '-'"):
             PluginCommand(name, "h", "m:f")
+    with pytest.raises(TypeError, match="help must be a string"):
+        PluginCommand("ok", None, "m:f")
     for entry in ("m", "m:", ":f", "m:f:g", "m.:f", "m:f()"):
         with pytest.raises(ValueError, match=r"is not 'module:function'"):
             PluginCommand("ok", "h", entry)
