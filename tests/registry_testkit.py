@@ -29,14 +29,6 @@ def transport_plugin(name: str, description: str = "") -> str:
     return TRANSPORT_PLUGIN.format(name=name, description=description)
 
 
-def hook_plugin(body: str, imports: str = "") -> str:
-    """Source of a plugin module: the markers and provider records imported, then ``body``."""
-    return (
-        "from llumnix_kv_core import hookimpl\n"
-        "from llumnix_kv_core.providers import PluginCommand, TransportProvider\n" + imports + "\n" + body
-    )
-
-
 def ep(name: str, module: str) -> EntryPoint:
     return EntryPoint(name=name, value=module, group=ENTRY_POINT_GROUP)
 
