@@ -1,5 +1,10 @@
 """Plugin manager: loads the ``llumnix_kv`` entry points with per-plugin failure isolation.
 
+The registry is strict: a plugin module that implements a hook no spec declares (a misspelling),
+defines a known hook without ``@hookimpl``, implements no known hook, uses a wrapper hookimpl,
+or whose hook returns anything but an iterable of the kind's provider records, is recorded as
+``failed`` with the reason, and only that plugin (or that hook's records) is left out.
+
 Environment:
   ``LLUMNIX_KV_PLUGINS``          comma-separated allow-list of plugin names (entry-point names);
                                   when set, only these (plus built-ins) load.
@@ -9,6 +14,7 @@ Environment:
 from __future__ import annotations
 
 import importlib
+import inspect
 import logging
 import os
 import threading
@@ -18,6 +24,7 @@ from importlib.metadata import EntryPoint
 from importlib.metadata import entry_points
 from types import ModuleType
 from typing import Any
+from typing import NamedTuple
 
 import pluggy
 
@@ -30,6 +37,7 @@ from llumnix_kv_core.markers import PROJECT
 from llumnix_kv_core.providers import Availability
 from llumnix_kv_core.providers import EngineAdapterProvider
 from llumnix_kv_core.providers import LayoutProvider
+from llumnix_kv_core.providers import PluginCommand
 from llumnix_kv_core.providers import ScenarioPolicyProvider
 from llumnix_kv_core.providers import TransportProvider
 
@@ -38,17 +46,20 @@ log = logging.getLogger(__name__)
 ENTRY_POINT_GROUP = PROJECT
 BUILTIN_PLUGINS = ("llumnix_kv_core.scenarios.pd",)
 
-_KIND_HOOKS = {
-    "transport": "llumnix_kv_register_transports",
-    "layout": "llumnix_kv_register_layouts",
-    "engine": "llumnix_kv_register_engines",
-    "scenario": "llumnix_kv_register_scenarios",
-}
-_PROVIDER_TYPES = {
-    "transport": TransportProvider,
-    "layout": LayoutProvider,
-    "engine": EngineAdapterProvider,
-    "scenario": ScenarioPolicyProvider,
+
+class PluginKind(NamedTuple):
+    """How the registry collects one kind of provider."""
+
+    hook: str  # the hook spec in hookspecs.py that returns the records
+    provider: type  # the record type the hook returns: a frozen dataclass with name, is_available, commands
+
+
+# A new kind of plugin is one entry here (plus its hook spec and provider record).
+KINDS: dict[str, PluginKind] = {
+    "transport": PluginKind("llumnix_kv_register_transports", TransportProvider),
+    "layout": PluginKind("llumnix_kv_register_layouts", LayoutProvider),
+    "engine": PluginKind("llumnix_kv_register_engines", EngineAdapterProvider),
+    "scenario": PluginKind("llumnix_kv_register_scenarios", ScenarioPolicyProvider),
 }
 
 
@@ -65,6 +76,10 @@ class PluginRecord:
     reason: str = ""
 
 
+class _HookResultError(Exception):
+    """A hook returned something that is not an iterable of its kind's records."""
+
+
 def _env_list(var: str) -> set[str] | None:
     raw = os.environ.get(var)
     if raw is None:
@@ -77,20 +92,46 @@ def _dist(ep: EntryPoint) -> tuple[str, str]:
     return (d.metadata["Name"], d.version) if d is not None else ("?", "?")
 
 
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or repr(exc)
+
+
+def _known_hooks() -> str:
+    return ", ".join(k.hook for k in KINDS.values())
+
+
+def _record_problem(provider: Any) -> str | None:
+    """What is wrong with a provider record's common fields, or None."""
+    if not isinstance(provider.name, str) or not provider.name:
+        return "name must be a non-empty string"
+    commands = provider.commands
+    if not isinstance(commands, tuple) or not all(isinstance(c, PluginCommand) for c in commands):
+        return "commands must be a tuple of PluginCommand"
+    names = [c.name for c in commands]
+    if len(set(names)) != len(names):
+        return f"two commands share a name ({', '.join(sorted(names))})"
+    return None
+
+
 class Registry:
-    """Providers by kind plus the load record of every plugin. Build once, then use directly."""
+    """Providers by kind plus the load record of every plugin. Build once, then use directly.
+
+    ``providers[kind][name]`` holds every loaded provider of ``kind`` (a key of ``KINDS``),
+    in load order; ``records`` holds one row per provider or failure.
+    """
 
     def __init__(self) -> None:
         self.records: list[PluginRecord] = []
-        self.transports: dict[str, TransportProvider] = {}
-        self.layouts: list[LayoutProvider] = []
-        self.engines: dict[str, EngineAdapterProvider] = {}
-        self.scenarios: dict[str, ScenarioPolicyProvider] = {}
+        self.providers: dict[str, dict[str, Any]] = {kind: {} for kind in KINDS}
         self.pm = pluggy.PluginManager(PROJECT)
         self.pm.add_hookspecs(hookspecs)
 
-    def _named(self, kind: str, name: str) -> Any:
-        table: dict[str, Any] = {"transport": self.transports, "engine": self.engines, "scenario": self.scenarios}[kind]
+    def provider(self, kind: str, name: str) -> Any:
+        """The loaded provider ``name`` of ``kind``; UnknownPluginError saying why it is not there."""
+        if kind not in self.providers:
+            msg = f"unknown plugin kind {kind!r} (kinds: {', '.join(self.providers)})"
+            raise UnknownPluginError(msg)
+        table = self.providers[kind]
         if name in table:
             return table[name]
         others = [r for r in self.records if r.kind == kind and r.name == name]
@@ -106,21 +147,22 @@ class Registry:
         raise UnknownPluginError(msg)
 
     def transport(self, name: str) -> TransportProvider:
-        return self._named("transport", name)
+        return self.provider("transport", name)
 
     def scenario(self, name: str) -> ScenarioPolicyProvider:
-        return self._named("scenario", name)
+        return self.provider("scenario", name)
 
     def engine(self, name: str) -> EngineAdapterProvider:
-        return self._named("engine", name)
+        return self.provider("engine", name)
 
     def parse_layout(self, desc: CacheGroupDescription) -> KVLayout:
-        """The first layout parser that accepts ``desc``; LayoutError naming all parsers otherwise."""
-        for p in self.layouts:
+        """The first layout parser, in load order, that accepts ``desc``; LayoutError naming all parsers otherwise."""
+        parsers: dict[str, LayoutProvider] = self.providers["layout"]
+        for p in parsers.values():
             out = p.parser.parse(desc)
             if out is not None:
                 return out
-        names = ", ".join(p.name for p in self.layouts) or "none loaded"
+        names = ", ".join(parsers) or "none loaded"
         msg = (
             f"no layout parser accepts cache group {desc.group_id} ({desc.engine} {desc.kind}, backend "
             f"{desc.backend}, layout {desc.layout}); parsers tried: {names}"
@@ -128,52 +170,100 @@ class Registry:
         raise LayoutError(msg)
 
     # -- loading ---------------------------------------------------------------------------
+    def _fail(self, plugin: str, kind: str, dist: tuple[str, str], reason: str) -> None:
+        log.warning("llumnix-kv plugin %s failed: %s", plugin, reason)
+        self.records.append(PluginRecord(plugin, kind, "", *dist, "failed", reason))
+
+    def _hook_problem(self, module: ModuleType) -> str | None:
+        """Why the hooks ``module`` implements cannot be used, or None (pluggy's check_pending, per plugin)."""
+        unknown, wrappers, known = [], [], []
+        for caller in self.pm.get_hookcallers(module) or ():
+            for impl in caller.get_hookimpls():
+                if impl.plugin is not module:
+                    continue
+                if impl.wrapper or impl.hookwrapper:
+                    wrappers.append(caller.name)
+                if caller.spec is not None:
+                    known.append(caller.name)
+                elif not impl.optionalhook:
+                    unknown.append(caller.name)
+        if unknown:
+            return (f"implements {', '.join(unknown)}, which no hook spec declares (known hooks: {_known_hooks()}); "
+                    "check the spelling")
+        if wrappers:
+            return (f"implements {', '.join(wrappers)} as a wrapper; registration hooks are called once per plugin, "
+                    "so wrapper/hookwrapper hookimpls are not supported")
+        unmarked = [k.hook for k in KINDS.values()
+                    if k.hook not in known and inspect.isroutine(getattr(module, k.hook, None))]
+        if unmarked:
+            return f"defines {', '.join(unmarked)} without @llumnix_kv_core.hookimpl"
+        if not known:
+            return (f"implements no llumnix_kv hook (known hooks: {_known_hooks()}); mark each with "
+                    "@llumnix_kv_core.hookimpl")
+        return None
+
+    def _records_of(self, hook: str, provider_type: type, result: Any) -> list[Any]:
+        """The records a hook returned, checked before any is added."""
+        if result is None or isinstance(result, (str, bytes)) or not isinstance(result, Iterable):
+            msg = (f"{hook} returned {type(result).__name__}, expected an iterable of {provider_type.__name__} "
+                   "(a list; [] for none)")
+            raise _HookResultError(msg)
+        items = list(result)
+        for item in items:
+            if not isinstance(item, provider_type):
+                msg = f"{hook} returned a {type(item).__name__} item, expected {provider_type.__name__}"
+                raise _HookResultError(msg)
+            problem = _record_problem(item)
+            if problem:
+                msg = f"{hook} returned {provider_type.__name__} {item.name!r}: {problem}"
+                raise _HookResultError(msg)
+        return items
+
     def _add(self, kind: str, provider: Any, plugin: str, dist: tuple[str, str]) -> None:
-        if not isinstance(provider, _PROVIDER_TYPES[kind]):
-            msg = f"returned {type(provider).__name__}, expected {_PROVIDER_TYPES[kind].__name__}"
-            raise TypeError(msg)
         try:
             avail = provider.is_available()
         except Exception as exc:  # a broken availability probe must not take others down
             avail = Availability(False, f"availability check raised {exc!r}")
-        taken = provider.name in self.transports if kind == "transport" else (
-            provider.name in self.engines if kind == "engine" else provider.name in self.scenarios
-            if kind == "scenario" else any(p.name == provider.name for p in self.layouts)
-        )
-        if taken:
+        if provider.name in self.providers[kind]:
             self.records.append(PluginRecord(plugin, kind, provider.name, *dist, "failed",
                                              f"{kind} name {provider.name!r} is already registered by another plugin"))
             return
         status = "loaded" if avail.ok else "unavailable"
         self.records.append(PluginRecord(plugin, kind, provider.name, *dist, status, avail.reason))
-        if not avail.ok:
-            return
-        if kind == "transport":
-            self.transports[provider.name] = provider
-        elif kind == "layout":
-            self.layouts.append(provider)
-        elif kind == "engine":
-            self.engines[provider.name] = provider
-        else:
-            self.scenarios[provider.name] = provider
+        if avail.ok:
+            self.providers[kind][provider.name] = provider
 
-    def register_module(self, module: ModuleType, plugin: str, dist: tuple[str, str]) -> None:
-        """Register one plugin module and collect its providers, isolating its failures."""
+    def register_module(self, module: ModuleType, plugin: str, dist: tuple[str, str], kind: str = "?") -> None:
+        """Register one plugin module and collect its providers, isolating its failures.
+
+        ``kind`` labels the records of a plugin that fails before any hook runs (the entry point's prefix).
+        """
         try:
             self.pm.register(module, name=plugin)
         except Exception as exc:
-            self.records.append(PluginRecord(plugin, "?", "", *dist, "failed", f"cannot register: {exc!r}"))
+            if self.pm.is_registered(module):  # pluggy before 1.7 may keep the hooks registered so far
+                self.pm.unregister(module)
+            self._fail(plugin, kind, dist, f"cannot register: {_one_line(exc)}")
             return
-        for kind, hook in _KIND_HOOKS.items():
+        problem = self._hook_problem(module)
+        if problem:
+            self.pm.unregister(module)
+            self._fail(plugin, kind, dist, problem)
+            return
+        for hook_kind, (hook, provider_type) in KINDS.items():
             for impl in getattr(self.pm.hook, hook).get_hookimpls():
-                if impl.plugin_name != plugin:
+                if impl.plugin is not module:
                     continue
                 try:
-                    for provider in impl.function() or ():
-                        self._add(kind, provider, plugin, dist)
+                    providers = self._records_of(hook, provider_type, impl.function())
+                except _HookResultError as exc:
+                    self._fail(plugin, hook_kind, dist, str(exc))
+                    continue
                 except Exception as exc:
-                    log.warning("llumnix-kv plugin %s failed in %s: %r", plugin, hook, exc)
-                    self.records.append(PluginRecord(plugin, kind, "", *dist, "failed", f"{hook} raised {exc!r}"))
+                    self._fail(plugin, hook_kind, dist, f"{hook} raised {exc!r}")
+                    continue
+                for provider in providers:
+                    self._add(hook_kind, provider, plugin, dist)
 
     def load_entry_points(self, eps: Iterable[EntryPoint]) -> None:
         allow = _env_list("LLUMNIX_KV_PLUGINS")
@@ -198,7 +288,7 @@ class Registry:
                 log.warning("llumnix-kv plugin %s failed to import: %r", ep.name, exc)
                 self.records.append(PluginRecord(ep.name, kind, "", *dist, "failed", f"import raised {exc!r}"))
                 continue
-            self.register_module(module, ep.name, dist)
+            self.register_module(module, ep.name, dist, kind)
 
 
 def build_registry(eps: Iterable[EntryPoint] | None = None) -> Registry:

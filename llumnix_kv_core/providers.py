@@ -1,13 +1,22 @@
-"""What registration hooks return: one frozen record per plugin-provided object."""
+"""What registration hooks return: one frozen record per plugin-provided object.
+
+Every record has a ``name`` (unique within its kind), an ``is_available`` probe and
+``commands``: the :class:`PluginCommand` entries the provider adds to the ``llumnix-kv``
+command line (``llumnix-kv demo`` runs an engine's ``demo``, ``llumnix-kv bench`` a
+transport's ``bench``, ``llumnix-kv run KIND NAME COMMAND`` any of them).
+"""
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
+import re
 from collections.abc import Callable
+from collections.abc import Sequence
 from dataclasses import dataclass
-from dataclasses import field
 from typing import TYPE_CHECKING
-from typing import Any
+
+from llumnix_kv_core.errors import PluginError
 
 if TYPE_CHECKING:
     from llumnix_kv_core.config import ConnectorConfig
@@ -43,6 +52,46 @@ def _always() -> Availability:
     return Availability.yes()
 
 
+_ENTRY = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*$")
+_COMMAND_NAME = re.compile(r"^[a-z][a-z0-9-]*$")
+
+
+@dataclass(frozen=True)
+class PluginCommand:
+    """A command line entry a provider contributes.
+
+    ``entry`` is ``"module:function"``; the module is imported only when the command runs,
+    so a plugin module stays light. ``function(argv: list[str]) -> int | None`` parses its
+    own arguments (``argv`` excludes the command's name) and returns the exit status.
+    """
+
+    name: str
+    help: str
+    entry: str
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not _COMMAND_NAME.match(self.name):
+            msg = f"command name {self.name!r} must be lower-case letters, digits and '-'"
+            raise ValueError(msg)
+        if not isinstance(self.help, str):
+            msg = f"command {self.name!r}: help must be a string"
+            raise TypeError(msg)
+        if not isinstance(self.entry, str) or not _ENTRY.match(self.entry):
+            msg = f"command {self.name!r}: entry {self.entry!r} is not 'module:function'"
+            raise ValueError(msg)
+
+    def load(self) -> Callable[[list[str]], int | None]:
+        module, func = self.entry.split(":")
+        try:
+            return getattr(importlib.import_module(module), func)
+        except (ImportError, AttributeError) as exc:
+            msg = f"command {self.name!r} ({self.entry}) cannot be loaded: {exc}"
+            raise PluginError(msg) from exc
+
+    def run(self, argv: Sequence[str]) -> int:
+        return int(self.load()(list(argv)) or 0)
+
+
 @dataclass(frozen=True)
 class TransportProvider:
     """A transport. ``factory(config)`` builds one transport object per engine process."""
@@ -57,6 +106,7 @@ class TransportProvider:
     # (registered with an RDMA NIC). Engines that allocate KV differently per case read this.
     device_access: tuple[str, ...] = ()
     is_available: Callable[[], Availability] = _always
+    commands: tuple[PluginCommand, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -68,6 +118,7 @@ class LayoutProvider:
     engines: tuple[str, ...] = ()
     description: str = ""
     is_available: Callable[[], Availability] = _always
+    commands: tuple[PluginCommand, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -80,7 +131,7 @@ class EngineAdapterProvider:
     entry: str  # "module:attr" of the engine-facing class, imported only by the engine
     description: str = ""
     is_available: Callable[[], Availability] = _always
-    extras: dict[str, Any] = field(default_factory=dict)
+    commands: tuple[PluginCommand, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -91,3 +142,4 @@ class ScenarioPolicyProvider:
     factory: Callable[[ConnectorConfig], ScenarioPolicy]
     description: str = ""
     is_available: Callable[[], Availability] = _always
+    commands: tuple[PluginCommand, ...] = ()

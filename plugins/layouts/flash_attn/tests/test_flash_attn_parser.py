@@ -134,4 +134,4 @@ def test_parsed_layout_moves_cells_with_their_meaning(layout):
 def test_registered_through_the_entry_point():
     reg = build_registry()
     assert reg.parse_layout(describe("LBHNC")).parser == "flash_attn"
-    assert "flash_attn" in {p.name for p in reg.layouts}
+    assert "flash_attn" in reg.providers["layout"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from llumnix_kv_core.markers import hookimpl
+from llumnix_kv_core.providers import PluginCommand
 from llumnix_kv_core.providers import TransportProvider
 
 if TYPE_CHECKING:
@@ -29,5 +30,7 @@ def llumnix_kv_register_transports() -> list[TransportProvider]:
             memory_kinds=("cpu", "cuda"),
             remote=False,
             device_access=("legacy_ipc",),
+            commands=(PluginCommand("bench", "host-memory rates between two processes; --gpu: GPU0 -> GPU1, "
+                                    "GPU <-> pinned host, layer-wise", "llumnix_kv_transport_shm.bench:main"),),
         )
     ]

@@ -9,16 +9,16 @@ from __future__ import annotations
 import multiprocessing as mp
 import os
 import statistics
-import threading
 import time
 from typing import Any
 
 import numpy as np
 
 from llumnix_kv_core import native
+from llumnix_kv_core.bench import WAIT_S
 from llumnix_kv_core.bench import rate_row
-from llumnix_kv_core.interfaces.transport import Channel
-from llumnix_kv_core.interfaces.transport import FrameHandler
+from llumnix_kv_core.bench.frames import FrameCounter
+from llumnix_kv_core.bench.timing import median_copy
 from llumnix_kv_core.interfaces.transport import TransportConfig
 from llumnix_kv_core.manager import get_registry
 from llumnix_kv_core.memory import MemoryRegion
@@ -27,42 +27,6 @@ from llumnix_kv_core.wire import Kind
 from llumnix_kv_core.wire import new_transfer_id
 
 GOAL = 0.80
-WAIT_S = 120.0
-
-
-class _Counter(FrameHandler):
-    def __init__(self, reply: bool) -> None:
-        self.cond = threading.Condition()
-        self.frames = 0
-        self.reply = reply
-        self.controls: list[tuple[Kind, dict[str, Any]]] = []
-        self.channel: Channel | None = None
-
-    def accept_data(self, transfer_id: bytes, layer: int) -> bool:
-        return True
-
-    def on_data(self, channel: Channel, transfer_id: bytes, layer: int, nbytes: int, n_segments: int) -> None:
-        if self.reply:
-            channel.send_control(Kind.ACK, transfer_id, {"layer": layer})
-        with self.cond:
-            self.frames += 1
-            self.cond.notify_all()
-
-    def on_control(self, channel: Channel, kind: Kind, transfer_id: bytes, body: dict[str, Any]) -> None:
-        with self.cond:
-            self.channel = channel
-            self.controls.append((kind, body))
-            self.cond.notify_all()
-
-    def on_closed(self, channel: Channel, error: BaseException | None) -> None:
-        with self.cond:
-            self.cond.notify_all()
-
-    def wait(self, pred, what: str) -> None:
-        with self.cond:
-            if not self.cond.wait_for(pred, WAIT_S):
-                msg = f"benchmark peer did not {what} within {WAIT_S:.0f} s"
-                raise TimeoutError(msg)
 
 
 def _config(path: str = "auto") -> TransportConfig:
@@ -75,7 +39,7 @@ def _receiver(address: str, nbytes: int, q: Any) -> None:
     buf = np.ones(nbytes, dtype=np.uint8)  # written once: every page is present before timing
     memory = MemoryRegistry()
     memory.register(MemoryRegion(1, buf.ctypes.data, buf.nbytes))
-    handler = _Counter(reply=True)
+    handler = FrameCounter(reply=True)
     transport = get_registry().transport("shm").factory(_config())
     try:
         peer = transport.connect(address, handler, memory)
@@ -92,15 +56,6 @@ def environment() -> dict[str, Any]:
     return {"cpus": os.cpu_count(), "native": native.implementation}
 
 
-def _median_copy(src: np.ndarray, dst: np.ndarray, lengths: np.ndarray, repeat: int, threads: int) -> float:
-    times = []
-    for _ in range(repeat + 1):
-        t0 = time.perf_counter()
-        native.copy_segments(src, dst, lengths, threads)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times[1:])
-
-
 def run(sizes: list[int], total: int, repeat: int) -> list[dict[str, Any]]:
     src_buf = np.random.default_rng(0).integers(0, 256, total, dtype=np.uint8)
     dst_local = np.ones(total, dtype=np.uint8)
@@ -113,7 +68,7 @@ def run(sizes: list[int], total: int, repeat: int) -> list[dict[str, Any]]:
 def _run_path(path: str, sizes: list[int], total: int, repeat: int, src_buf: np.ndarray,
               dst_local: np.ndarray) -> list[dict[str, Any]]:
     threads = 1
-    handler = _Counter(reply=False)
+    handler = FrameCounter()
     transport = get_registry().transport("shm").factory(_config(path))
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
@@ -125,8 +80,8 @@ def _run_path(path: str, sizes: list[int], total: int, repeat: int, src_buf: np.
         handler.wait(lambda: any(k == Kind.HELLO for k, _ in handler.controls), "connect")
         ch = handler.channel
         one = np.array([total], np.uint64)
-        ceiling = _median_copy(np.array([src_buf.ctypes.data], np.uint64),
-                               np.array([dst_local.ctypes.data], np.uint64), one, repeat, threads)
+        ceiling = median_copy(np.array([src_buf.ctypes.data], np.uint64),
+                              np.array([dst_local.ctypes.data], np.uint64), one, repeat, threads)
         for block in sizes:
             n = total // block
             rng = np.random.default_rng(block)
@@ -142,7 +97,7 @@ def _run_path(path: str, sizes: list[int], total: int, repeat: int, src_buf: np.
                 ch.send_data(new_transfer_id(), i, src, regions, dst_off, lens)
                 handler.wait(lambda: any(k == Kind.ACK for k, _ in handler.controls), "acknowledge a frame")
                 times.append(time.perf_counter() - t0)
-            gather = _median_copy(src, np.uint64(dst_local.ctypes.data) + dst_off, lens, repeat, threads)
+            gather = median_copy(src, np.uint64(dst_local.ctypes.data) + dst_off, lens, repeat, threads)
             how = (f"one copy by the kernel, {os.cpu_count()} threads" if path == "cma" else
                    f"two pipelined copies, {threads} thread in each process")
             rows.append(rate_row(f"host-shm-{path}", block, n, n * block, statistics.median(times[1:]), ceiling,
