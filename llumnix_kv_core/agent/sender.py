@@ -5,7 +5,7 @@ The engine adapter tells the sender which block positions of which layers are re
 :class:`~llumnix_kv_core.agent.planner.Planner` turns ready units into coalesced segments once
 a receiver is attached and queues them on the receiver's
 :class:`~llumnix_kv_core.agent.send_loop.SendLoop` threads, one per channel, so layer i moves
-while layer i+1 computes. What both sides know lives in a
+while layer i+1 computes. What the sender tracks lives in its
 :class:`~llumnix_kv_core.agent.send_book.SendBook`; states and their moves are in
 :mod:`~llumnix_kv_core.agent.states`.
 """
@@ -40,6 +40,12 @@ log = logging.getLogger(__name__)
 
 
 class KVSender:
+    """The sending side of one engine worker.
+
+    Engine-facing calls (``open`` .. ``poll_released``) never wait for I/O; frame callbacks
+    (``on_hello`` .. ``on_closed``) run on the transport's receive threads.
+    """
+
     def __init__(self, layers: LayerTable, signature: dict[str, Any], timeout_s: float, tp_rank: int = 0,
                  tp_size: int = 1) -> None:
         self.layers = layers
