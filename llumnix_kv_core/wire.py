@@ -10,6 +10,16 @@ segment table and a payload::
     payload  payload_len bytes = sum(lengths), segment after segment
 
 The receiver validates everything before it writes a byte into registered memory.
+
+Kinds HELLO .. CANCEL are the transfer protocol: a transport hands them to its frame handler.
+``TRANSPORT`` frames belong to the transport itself (e.g. the shm transport's handshake, ring
+set-up, credits and ``go``/``end`` fence): the JSON body is the transport's own, and the receive
+loop routes them to the channel, never to the frame handler. A transport without messages of
+its own refuses them. The ``flags`` field is the transport's too (e.g. how a DATA payload travels).
+
+``VERSION`` changes when a field's layout or meaning changes. Kinds are only ever added, and a
+receiver refuses a kind it does not know ("unknown frame kind"), so adding one (as ``TRANSPORT``
+was) cannot make a peer misread a frame and needs no new version.
 """
 
 from __future__ import annotations
@@ -47,6 +57,7 @@ class Kind(enum.IntEnum):
     ACK = 6  # receiver -> sender: all data of a transfer is in place
     ERROR = 7  # either side: the transfer (or the connection) failed, body says why
     CANCEL = 8  # receiver -> sender: the receiver no longer wants a transfer
+    TRANSPORT = 9  # either side: a transport-private message, for the channel, never the frame handler
 
 
 @dataclass(frozen=True)

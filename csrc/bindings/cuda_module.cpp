@@ -23,28 +23,35 @@ using llumnix_kv::bindings::U64Array;
 
 namespace {
 
+// The three address arrays of a scattered copy, checked to be of one length.
+struct SegmentArrays {
+  U64Array src;
+  U64Array dst;
+  U64Array len;
+};
+
+SegmentArrays segment_arrays(const py::object& src_addrs, const py::object& dst_addrs, const py::object& lengths) {
+  SegmentArrays a{as_u64_array(src_addrs, "src_addrs"), as_u64_array(dst_addrs, "dst_addrs"),
+                  as_u64_array(lengths, "lengths")};
+  check_same_size("src_addrs", a.src, "lengths", a.len);
+  check_same_size("dst_addrs", a.dst, "lengths", a.len);
+  return a;
+}
+
 void copy_segments(const py::object& src_addrs, const py::object& dst_addrs, const py::object& lengths,
                    std::uintptr_t stream) {
-  U64Array src = as_u64_array(src_addrs, "src_addrs");
-  U64Array dst = as_u64_array(dst_addrs, "dst_addrs");
-  U64Array len = as_u64_array(lengths, "lengths");
-  check_same_size("src_addrs", src, "lengths", len);
-  check_same_size("dst_addrs", dst, "lengths", len);
+  const SegmentArrays a = segment_arrays(src_addrs, dst_addrs, lengths);
   // Null or wrapping segments raise std::invalid_argument (ValueError) before
   // any CUDA call.
   py::gil_scoped_release release;
-  kc::copy_segments(src.data, dst.data, len.data, len.size, stream);
+  kc::copy_segments(a.src.data, a.dst.data, a.len.data, a.len.size, stream);
 }
 
 void copy_segments_ce(const py::object& src_addrs, const py::object& dst_addrs, const py::object& lengths,
                       std::uintptr_t stream) {
-  U64Array src = as_u64_array(src_addrs, "src_addrs");
-  U64Array dst = as_u64_array(dst_addrs, "dst_addrs");
-  U64Array len = as_u64_array(lengths, "lengths");
-  check_same_size("src_addrs", src, "lengths", len);
-  check_same_size("dst_addrs", dst, "lengths", len);
+  const SegmentArrays a = segment_arrays(src_addrs, dst_addrs, lengths);
   py::gil_scoped_release release;
-  kc::copy_segments_ce(src.data, dst.data, len.data, len.size, stream);
+  kc::copy_segments_ce(a.src.data, a.dst.data, a.len.data, a.len.size, stream);
 }
 
 using nogil = py::call_guard<py::gil_scoped_release>;

@@ -192,6 +192,201 @@ void free_cache(StreamCache& c) {
   c.device_capacity = 0;
 }
 
+// The segment table split into contiguous blocks, validated and written by several host threads
+// for large tables (one block below kParallelTableSegments segments), with per-block results.
+struct TableBlocks {
+  explicit TableBlocks(std::size_t segments)
+      : n(segments),
+        count(n < kParallelTableSegments
+                  ? 1
+                  : std::max<std::size_t>(1, std::min<std::size_t>(ThreadPool::default_threads(),
+                                                                   n / (kParallelTableSegments / 2)))),
+        info(count) {}
+
+  // Segments [first, second) of block b.
+  std::pair<std::size_t, std::size_t> range(std::size_t b) const { return {n * b / count, n * (b + 1) / count}; }
+
+  // fn(b) for every block, on the pool's threads when there are several.
+  void for_each(const std::function<void(std::size_t)>& fn) const {
+    if (count == 1) {
+      fn(0);
+    } else {
+      ThreadPool::global().run(count, static_cast<unsigned>(count), fn);
+    }
+  }
+
+  std::size_t n;
+  std::size_t count;
+  std::vector<TableBlock> info;
+};
+
+struct Counts {
+  std::uint64_t total = 0;     // bytes
+  std::uint64_t nonempty = 0;  // segments with a length
+};
+
+// Pass 1: validate and count. A null, wrapping or overflowing segment raises std::invalid_argument
+// naming it (checked_total); so do more than 2^32 - 1 non-empty segments.
+Counts validate_and_count(const std::uint64_t* src, const std::uint64_t* dst, const std::uint64_t* lengths,
+                          TableBlocks& blocks) {
+  constexpr std::uint64_t kMax = ~std::uint64_t{0};
+  blocks.for_each([&](std::size_t b) {
+    const auto r = blocks.range(b);
+    TableBlock& t = blocks.info[b];
+    for (std::size_t i = r.first; i < r.second; ++i) {
+      const std::uint64_t len = lengths[i];
+      if (len == 0) continue;
+      const std::uint64_t s = src[i], d = dst[i];
+      if (s == 0 || d == 0 || len > kMax - s || len > kMax - d || len > kMax - t.total) t.bad = true;
+      t.total += len;
+      ++t.nonempty;
+    }
+  });
+  Counts out;
+  bool bad = false;
+  for (const TableBlock& t : blocks.info) {
+    bad = bad || t.bad || t.total > kMax - out.total;
+    out.total += t.total;
+    out.nonempty += t.nonempty;
+  }
+  if (bad) {
+    checked_total("src_addrs", src, lengths, blocks.n);
+    checked_total("dst_addrs", dst, lengths, blocks.n);
+  }
+  if (out.nonempty > 0xffffffffull) {
+    throw std::invalid_argument("copy_segments supports at most 2^32 - 1 non-empty segments per call");
+  }
+  return out;
+}
+
+// How one launch covers the segments: chunk size, chunk count, grid bound, staging layout.
+struct LaunchShape {
+  unsigned chunk_shift = 14;
+  std::uint64_t chunk_mask = 0;
+  std::uint64_t total_chunks = 0;
+  std::uint64_t max_ctas = 0;
+  std::size_t table_bytes = 0;   // descriptor table ...
+  std::size_t upload_bytes = 0;  // ... then the chunk -> segment map
+
+  std::uint64_t chunks_of(std::uint64_t len) const { return (len >> chunk_shift) + ((len & chunk_mask) != 0); }
+};
+
+// Pass 2: the chunk size for `device`, then chunks per block and each block's first descriptor and chunk.
+LaunchShape size_launch(const std::uint64_t* lengths, const Counts& counts, int device, TableBlocks& blocks) {
+  LaunchShape shape;
+  shape.max_ctas = static_cast<std::uint64_t>(sm_count(device)) * resident_ctas(device);
+  // Two to four chunks per CTA for balance: a power of two in 16 KiB .. 4 MiB
+  // (so chunk offsets keep 16-byte alignment and need no division).
+  const std::uint64_t target = (counts.total + shape.max_ctas * 4 - 1) / (shape.max_ctas * 4);
+  while ((std::uint64_t{1} << shape.chunk_shift) < target &&
+         (std::uint64_t{1} << shape.chunk_shift) < kMaxChunkBytes) {
+    ++shape.chunk_shift;
+  }
+  shape.chunk_mask = (std::uint64_t{1} << shape.chunk_shift) - 1;
+  blocks.for_each([&](std::size_t b) {
+    const auto r = blocks.range(b);
+    std::uint64_t c = 0;
+    for (std::size_t i = r.first; i < r.second; ++i) c += shape.chunks_of(lengths[i]);
+    blocks.info[b].chunks = c;
+  });
+  std::uint64_t first_desc = 0;
+  for (TableBlock& t : blocks.info) {
+    t.first_desc = first_desc;
+    t.first_chunk = shape.total_chunks;
+    first_desc += t.nonempty;
+    shape.total_chunks += t.chunks;
+  }
+  shape.table_bytes = static_cast<std::size_t>(counts.nonempty) * sizeof(SegmentDesc);
+  shape.upload_bytes = shape.table_bytes + static_cast<std::size_t>(shape.total_chunks) * sizeof(std::uint32_t);
+  return shape;
+}
+
+// The next pinned staging slot of `cache`, free to overwrite and at least `bytes` large, and a
+// device buffer of at least `bytes` (cache.mu held).
+StreamCache::Slot& reserve_staging(StreamCache& cache, std::size_t bytes, cudaStream_t stream) {
+  StreamCache::Slot& slot = cache.slots[cache.next];
+  cache.next = (cache.next + 1) % kStagingSlots;
+  if (slot.uploaded == nullptr) {
+    LLUMNIX_CUDA_CHECK(cudaEventCreateWithFlags(&slot.uploaded, cudaEventDisableTiming));
+  }
+  if (slot.pending) {
+    // The previous upload from this slot must have been read before the
+    // host overwrites it.
+    LLUMNIX_CUDA_CHECK(cudaEventSynchronize(slot.uploaded));
+    slot.pending = false;
+  }
+  if (slot.capacity < bytes) {
+    if (slot.host != nullptr) {
+      LLUMNIX_CUDA_CHECK(cudaFreeHost(slot.host));
+      slot.host = nullptr;
+      slot.capacity = 0;
+    }
+    const std::size_t cap = std::max<std::size_t>(bytes + bytes / 2, 4096);
+    LLUMNIX_CUDA_CHECK(cudaHostAlloc(&slot.host, cap, cudaHostAllocPortable));
+    slot.capacity = cap;
+  }
+  if (cache.device_capacity < bytes) {
+    if (cache.device_buf != nullptr) {
+      // Earlier launches on this stream may still read the old table.
+      LLUMNIX_CUDA_CHECK(cudaStreamSynchronize(stream));
+      LLUMNIX_CUDA_CHECK(cudaFree(cache.device_buf));
+      cache.device_buf = nullptr;
+      cache.device_capacity = 0;
+    }
+    const std::size_t cap = std::max<std::size_t>(std::max(bytes, 2 * cache.device_capacity), 4096);
+    LLUMNIX_CUDA_CHECK(cudaMalloc(&cache.device_buf, cap));
+    cache.device_capacity = cap;
+  }
+  return slot;
+}
+
+// The descriptor table and chunk map as the kernel reads them.
+struct DeviceTable {
+  const SegmentDesc* descs;
+  const std::uint32_t* chunk_seg;
+};
+
+// Pass 3: write descriptors and the chunk map into a staging slot, then queue their upload on
+// `stream` (cache.mu held).
+DeviceTable stage_table(StreamCache& cache, const std::uint64_t* src, const std::uint64_t* dst,
+                        const std::uint64_t* lengths, const TableBlocks& blocks, const LaunchShape& shape,
+                        cudaStream_t stream) {
+  StreamCache::Slot& slot = reserve_staging(cache, shape.upload_bytes, stream);
+  auto* table = static_cast<SegmentDesc*>(slot.host);
+  auto* chunk_seg = reinterpret_cast<std::uint32_t*>(static_cast<char*>(slot.host) + shape.table_bytes);
+  blocks.for_each([&](std::size_t b) {
+    const auto r = blocks.range(b);
+    std::uint64_t k = blocks.info[b].first_desc, c = blocks.info[b].first_chunk;
+    for (std::size_t i = r.first; i < r.second; ++i) {
+      const std::uint64_t len = lengths[i];
+      if (len == 0) continue;
+      SegmentDesc& desc = table[k];
+      desc.src = src[i];
+      desc.dst = dst[i];
+      desc.len = len;
+      desc.first_chunk = c;
+      const std::uint64_t end = c + shape.chunks_of(len);
+      for (; c < end; ++c) chunk_seg[c] = static_cast<std::uint32_t>(k);
+      ++k;
+    }
+  });
+
+  LLUMNIX_CUDA_CHECK(
+      cudaMemcpyAsync(cache.device_buf, slot.host, shape.upload_bytes, cudaMemcpyHostToDevice, stream));
+  LLUMNIX_CUDA_CHECK(cudaEventRecord(slot.uploaded, stream));
+  slot.pending = true;
+  return {static_cast<const SegmentDesc*>(cache.device_buf),
+          reinterpret_cast<const std::uint32_t*>(static_cast<const char*>(cache.device_buf) + shape.table_bytes)};
+}
+
+// One kernel over every chunk, the grid bounded by the CTAs resident at once.
+void launch(const DeviceTable& table, const LaunchShape& shape, cudaStream_t stream) {
+  const unsigned grid = static_cast<unsigned>(std::min<std::uint64_t>(shape.total_chunks, shape.max_ctas));
+  copy_segments_kernel<<<grid, kThreads, 0, stream>>>(table.descs, table.chunk_seg, shape.total_chunks,
+                                                      shape.chunk_shift);
+  LLUMNIX_CUDA_CHECK(cudaGetLastError());
+}
+
 }  // namespace
 
 void release_stream_cache(std::uintptr_t stream) {
@@ -218,153 +413,20 @@ void release_stream_cache(std::uintptr_t stream) {
 void copy_segments(const std::uint64_t* src, const std::uint64_t* dst, const std::uint64_t* lengths, std::size_t n,
                    std::uintptr_t stream_handle) {
   if (n == 0) return;
-  // Large tables are validated and written by several host threads, each
-  // over one contiguous block of segments.
-  const std::size_t blocks =
-      n < kParallelTableSegments ? 1
-                                 : std::max<std::size_t>(1, std::min<std::size_t>(ThreadPool::default_threads(),
-                                                                                  n / (kParallelTableSegments / 2)));
-  std::vector<TableBlock> info(blocks);
-  auto block_range = [&](std::size_t b) { return std::make_pair(n * b / blocks, n * (b + 1) / blocks); };
-  auto for_blocks = [&](const std::function<void(std::size_t)>& fn) {
-    if (blocks == 1) {
-      fn(0);
-    } else {
-      ThreadPool::global().run(blocks, static_cast<unsigned>(blocks), fn);
-    }
-  };
-
-  // Pass 1: validate and count. On a bad segment, checked_total names it.
-  constexpr std::uint64_t kMax = ~std::uint64_t{0};
-  for_blocks([&](std::size_t b) {
-    const auto r = block_range(b);
-    TableBlock& t = info[b];
-    for (std::size_t i = r.first; i < r.second; ++i) {
-      const std::uint64_t len = lengths[i];
-      if (len == 0) continue;
-      const std::uint64_t s = src[i], d = dst[i];
-      if (s == 0 || d == 0 || len > kMax - s || len > kMax - d || len > kMax - t.total) t.bad = true;
-      t.total += len;
-      ++t.nonempty;
-    }
-  });
-  std::uint64_t total = 0, nonempty = 0;
-  bool bad = false;
-  for (const TableBlock& t : info) {
-    bad = bad || t.bad || t.total > kMax - total;
-    total += t.total;
-    nonempty += t.nonempty;
-  }
-  if (bad) {
-    checked_total("src_addrs", src, lengths, n);
-    checked_total("dst_addrs", dst, lengths, n);
-  }
-  if (nonempty == 0) return;
-  if (nonempty > 0xffffffffull) {
-    throw std::invalid_argument("copy_segments supports at most 2^32 - 1 non-empty segments per call");
-  }
+  TableBlocks blocks(n);
+  const Counts counts = validate_and_count(src, dst, lengths, blocks);
+  if (counts.nonempty == 0) return;
 
   int device = 0;
   LLUMNIX_CUDA_CHECK(cudaGetDevice(&device));
-  const std::uint64_t max_ctas = static_cast<std::uint64_t>(sm_count(device)) * resident_ctas(device);
-
-  // Two to four chunks per CTA for balance: a power of two in 16 KiB .. 4 MiB
-  // (so chunk offsets keep 16-byte alignment and need no division).
-  const std::uint64_t target = (total + max_ctas * 4 - 1) / (max_ctas * 4);
-  unsigned chunk_shift = 14;
-  while ((std::uint64_t{1} << chunk_shift) < target && (std::uint64_t{1} << chunk_shift) < kMaxChunkBytes) {
-    ++chunk_shift;
-  }
-  const std::uint64_t chunk_mask = (std::uint64_t{1} << chunk_shift) - 1;
-  auto chunks_of = [&](std::uint64_t len) { return (len >> chunk_shift) + ((len & chunk_mask) != 0); };
-
-  // Pass 2: chunks per block, then each block's first descriptor and chunk.
-  for_blocks([&](std::size_t b) {
-    const auto r = block_range(b);
-    std::uint64_t c = 0;
-    for (std::size_t i = r.first; i < r.second; ++i) c += chunks_of(lengths[i]);
-    info[b].chunks = c;
-  });
-  std::uint64_t total_chunks = 0, first_desc = 0;
-  for (TableBlock& t : info) {
-    t.first_desc = first_desc;
-    t.first_chunk = total_chunks;
-    first_desc += t.nonempty;
-    total_chunks += t.chunks;
-  }
-
-  // Staging layout: descriptor table, then the chunk -> segment map.
-  const std::size_t table_bytes = static_cast<std::size_t>(nonempty) * sizeof(SegmentDesc);
-  const std::size_t upload_bytes = table_bytes + static_cast<std::size_t>(total_chunks) * sizeof(std::uint32_t);
+  const LaunchShape shape = size_launch(lengths, counts, device, blocks);
 
   cudaStream_t stream = reinterpret_cast<cudaStream_t>(stream_handle);
   std::shared_ptr<StreamCache> cache = cache_for(device, stream_handle);
+  // Held until the kernel is queued: no other call may reuse the staging slot or device buffer first.
   std::lock_guard<std::mutex> lock(cache->mu);
-
-  StreamCache::Slot& slot = cache->slots[cache->next];
-  cache->next = (cache->next + 1) % kStagingSlots;
-  if (slot.uploaded == nullptr) {
-    LLUMNIX_CUDA_CHECK(cudaEventCreateWithFlags(&slot.uploaded, cudaEventDisableTiming));
-  }
-  if (slot.pending) {
-    // The previous upload from this slot must have been read before the
-    // host overwrites it.
-    LLUMNIX_CUDA_CHECK(cudaEventSynchronize(slot.uploaded));
-    slot.pending = false;
-  }
-  if (slot.capacity < upload_bytes) {
-    if (slot.host != nullptr) {
-      LLUMNIX_CUDA_CHECK(cudaFreeHost(slot.host));
-      slot.host = nullptr;
-      slot.capacity = 0;
-    }
-    const std::size_t cap = std::max<std::size_t>(upload_bytes + upload_bytes / 2, 4096);
-    LLUMNIX_CUDA_CHECK(cudaHostAlloc(&slot.host, cap, cudaHostAllocPortable));
-    slot.capacity = cap;
-  }
-  if (cache->device_capacity < upload_bytes) {
-    if (cache->device_buf != nullptr) {
-      // Earlier launches on this stream may still read the old table.
-      LLUMNIX_CUDA_CHECK(cudaStreamSynchronize(stream));
-      LLUMNIX_CUDA_CHECK(cudaFree(cache->device_buf));
-      cache->device_buf = nullptr;
-      cache->device_capacity = 0;
-    }
-    const std::size_t cap = std::max<std::size_t>(std::max(upload_bytes, 2 * cache->device_capacity), 4096);
-    LLUMNIX_CUDA_CHECK(cudaMalloc(&cache->device_buf, cap));
-    cache->device_capacity = cap;
-  }
-
-  // Pass 3: write descriptors and the chunk map.
-  auto* table = static_cast<SegmentDesc*>(slot.host);
-  auto* chunk_seg = reinterpret_cast<std::uint32_t*>(static_cast<char*>(slot.host) + table_bytes);
-  for_blocks([&](std::size_t b) {
-    const auto r = block_range(b);
-    std::uint64_t k = info[b].first_desc, c = info[b].first_chunk;
-    for (std::size_t i = r.first; i < r.second; ++i) {
-      const std::uint64_t len = lengths[i];
-      if (len == 0) continue;
-      SegmentDesc& desc = table[k];
-      desc.src = src[i];
-      desc.dst = dst[i];
-      desc.len = len;
-      desc.first_chunk = c;
-      const std::uint64_t end = c + chunks_of(len);
-      for (; c < end; ++c) chunk_seg[c] = static_cast<std::uint32_t>(k);
-      ++k;
-    }
-  });
-
-  LLUMNIX_CUDA_CHECK(cudaMemcpyAsync(cache->device_buf, slot.host, upload_bytes, cudaMemcpyHostToDevice, stream));
-  LLUMNIX_CUDA_CHECK(cudaEventRecord(slot.uploaded, stream));
-  slot.pending = true;
-
-  const auto* dev_table = static_cast<const SegmentDesc*>(cache->device_buf);
-  const auto* dev_chunk_seg =
-      reinterpret_cast<const std::uint32_t*>(static_cast<const char*>(cache->device_buf) + table_bytes);
-  const unsigned grid = static_cast<unsigned>(std::min<std::uint64_t>(total_chunks, max_ctas));
-  copy_segments_kernel<<<grid, kThreads, 0, stream>>>(dev_table, dev_chunk_seg, total_chunks, chunk_shift);
-  LLUMNIX_CUDA_CHECK(cudaGetLastError());
+  const DeviceTable table = stage_table(*cache, src, dst, lengths, blocks, shape, stream);
+  launch(table, shape, stream);
 }
 
 }  // namespace cuda

@@ -3,7 +3,8 @@
 Connections are opened (and the handshake done) on a background thread, never on
 the engine's forward thread. Data lands directly in registered memory; a transfer
 that is cancelled or failed is fenced (late frames are dropped, not written) and
-is reported only once no receive thread is still writing into its blocks.
+is reported only once no receive thread is still writing into its blocks. States and their
+moves are in :mod:`~llumnix_kv_core.agent.states`.
 """
 
 from __future__ import annotations
@@ -20,6 +21,9 @@ from dataclasses import field
 from typing import Any
 
 from llumnix_kv_core.agent.layers import LayerTable
+from llumnix_kv_core.agent.states import RecvState
+from llumnix_kv_core.agent.states import is_final
+from llumnix_kv_core.agent.states import move
 from llumnix_kv_core.errors import IncompatiblePeerError
 from llumnix_kv_core.errors import TransferError
 from llumnix_kv_core.interfaces.transport import Channel
@@ -49,7 +53,7 @@ class RecvTransfer:
     sources: list[str]
     blocks: dict[int, list[int]]
     start: dict[int, int]
-    state: str = "connecting"  # connecting | pulling | done | failed | cancelled
+    state: RecvState = RecvState.CONNECTING
     error: str = ""
     frames: int = 0
     nbytes: int = 0
@@ -59,6 +63,17 @@ class RecvTransfer:
     t_first: float = 0.0  # first payload byte in place
     t_done: float = 0.0
     last_progress: float = field(default_factory=time.monotonic)
+
+    @property
+    def active(self) -> bool:
+        """Still connecting or pulling."""
+        return not is_final(self.state)
+
+    def to(self, state: RecvState, error: str | None = None) -> None:
+        """Move to ``state`` (see :mod:`~llumnix_kv_core.agent.states`); ``error`` says why, if given."""
+        self.state = move(self.state, state)
+        if error is not None:
+            self.error = error
 
 
 class KVReceiver:
@@ -109,7 +124,7 @@ class KVReceiver:
             sources, refused = [], str(exc)
         t = RecvTransfer(tid, sources, blocks, start)
         if refused:
-            t.state, t.error = "failed", refused
+            t.to(RecvState.FAILED, refused)
         with self._lock:
             if tid in self._transfers:
                 msg = f"transfer {tid} is already being received"
@@ -121,9 +136,9 @@ class KVReceiver:
     def cancel(self, tid: str) -> None:
         with self._lock:
             t = self._transfers.get(tid)
-            if t is None or t.state in ("done", "failed", "cancelled"):
+            if t is None or not t.active:
                 return
-            t.state, t.error = "cancelled", "cancelled by the engine"
+            t.to(RecvState.CANCELLED, "cancelled by the engine")
             self._cancel_sources(t)
 
     def poll(self) -> tuple[set[str], dict[str, str]]:
@@ -133,9 +148,9 @@ class KVReceiver:
         with self._lock:
             writing = self._live_inflight()
             for tid, t in list(self._transfers.items()):
-                if t.state == "done":
+                if t.state is RecvState.DONE:
                     done.add(tid)
-                elif t.state in ("failed", "cancelled") and tid not in writing:
+                elif t.state in (RecvState.FAILED, RecvState.CANCELLED) and tid not in writing:
                     failed[tid] = t.error
                 else:
                     continue
@@ -146,7 +161,7 @@ class KVReceiver:
     def accept_data(self, tid: str) -> bool:
         with self._lock:
             t = self._transfers.get(tid)
-            if t is None or t.state != "pulling":
+            if t is None or t.state is not RecvState.PULLING:
                 return False
             self._inflight[threading.get_ident()] = tid
             return True
@@ -156,7 +171,7 @@ class KVReceiver:
             self._inflight.pop(threading.get_ident(), None)
             self.bytes_received += nbytes
             t = self._transfers.get(tid)
-            if t is None or t.state != "pulling":
+            if t is None or t.state is not RecvState.PULLING:
                 return
             t.frames += 1
             t.nbytes += nbytes
@@ -167,7 +182,7 @@ class KVReceiver:
     def on_done(self, tid: str, body: dict[str, Any], channel: Channel | None = None) -> None:
         with self._lock:
             t = self._transfers.get(tid)
-            if t is None or t.state != "pulling":
+            if t is None or t.state is not RecvState.PULLING:
                 return
             link = self._channel_link.get(id(channel)) if channel is not None else None
             source = link.address if link is not None else t.sources[0]
@@ -193,8 +208,8 @@ class KVReceiver:
                 self._lock.notify_all()
                 return
             t = self._transfers.get(tid)
-            if t is not None and t.state in ("connecting", "pulling"):
-                t.state, t.error = "failed", f"the prefill instance reported: {why}"
+            if t is not None and t.active:
+                t.to(RecvState.FAILED, f"the prefill instance reported: {why}")
                 self._cancel_sources(t, skip=link.address if link is not None else None)
 
     def on_closed(self, channel: Channel, error: BaseException | None) -> None:
@@ -229,11 +244,11 @@ class KVReceiver:
         if t.frames < want[0]:
             return
         if (t.frames, t.nbytes) != want:
-            t.state = "failed"
-            t.error = f"received {t.frames} frames / {t.nbytes} bytes, the sender announced {want}"
+            t.to(RecvState.FAILED, f"received {t.frames} frames / {t.nbytes} bytes, the sender announced {want}")
             self._cancel_sources(t)
             return
-        t.state, t.t_done = "done", time.monotonic()
+        t.to(RecvState.DONE)
+        t.t_done = time.monotonic()
         self.completed.append(t)
         for address in t.sources:
             link = self._links.get(address)
@@ -259,8 +274,8 @@ class KVReceiver:
 
     def _fail_link(self, link: SenderLink, why: str) -> None:
         for t in self._transfers.values():
-            if link.address in t.sources and t.state in ("connecting", "pulling"):
-                t.state, t.error = "failed", why
+            if link.address in t.sources and t.active:
+                t.to(RecvState.FAILED, why)
                 self._cancel_sources(t, skip=link.address)
 
     def _live_inflight(self) -> set[str]:
@@ -325,17 +340,19 @@ class KVReceiver:
                 try:
                     link = self._link(address, t.tid)
                     with self._lock:
-                        if t.state not in ("connecting", "pulling"):
+                        if not t.active:
                             break
-                        t.state, t.last_progress = "pulling", time.monotonic()
+                        if t.state is RecvState.CONNECTING:
+                            t.to(RecvState.PULLING)
+                        t.last_progress = time.monotonic()
                         t.pulled.append(address)
                     assert link.peer is not None
                     link.peer.channels[0].send_control(Kind.PULL, t.tid, body)
                 except Exception as exc:
                     log.error("transfer %s from %s failed: %s", t.tid, address, exc)
                     with self._lock:
-                        if t.state in ("connecting", "pulling"):
-                            t.state, t.error = "failed", str(exc)
+                        if t.active:
+                            t.to(RecvState.FAILED, str(exc))
                             self._cancel_sources(t, skip=address)
                     break
 
@@ -347,8 +364,7 @@ class KVReceiver:
                 self._lock.wait(timeout=0.5)
                 now = time.monotonic()
                 for t in self._transfers.values():
-                    if t.state == "pulling" and now - t.last_progress > self.timeout_s:
-                        t.state = "failed"
-                        t.error = (f"no data from the prefill instance at {', '.join(t.sources)} for "
-                                   f"{self.timeout_s:.0f} s "
-                                   "(raise transfer_timeout_s if prefills are this long)")
+                    if t.state is RecvState.PULLING and now - t.last_progress > self.timeout_s:
+                        t.to(RecvState.FAILED, f"no data from the prefill instance at {', '.join(t.sources)} for "
+                                               f"{self.timeout_s:.0f} s "
+                                               "(raise transfer_timeout_s if prefills are this long)")

@@ -53,7 +53,7 @@ class FrameHandler(abc.ABC):
 
     @abc.abstractmethod
     def on_control(self, channel: Channel, kind: Kind, transfer_id: bytes, body: dict[str, Any]) -> None:
-        """A control frame (any kind but DATA) arrived."""
+        """A control frame (any kind but DATA and the transport's own TRANSPORT) arrived."""
 
     @abc.abstractmethod
     def on_closed(self, channel: Channel, error: BaseException | None) -> None:
@@ -67,7 +67,7 @@ class Channel(abc.ABC):
 
     @abc.abstractmethod
     def send_control(self, kind: Kind, transfer_id: str | bytes, body: dict[str, Any] | None = None) -> None:
-        """Send one control frame; raises TransferError when the peer is gone."""
+        """Send one control frame (not DATA, not TRANSPORT); raises TransferError when the peer is gone."""
 
     @abc.abstractmethod
     def send_data(

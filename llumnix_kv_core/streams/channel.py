@@ -8,7 +8,9 @@ called exactly once, from the receive thread, when it exits.
 
 Subclasses say how a DATA frame's payload travels: :meth:`StreamChannel._send_data` on the
 sending side, :meth:`StreamChannel._on_data_header` on the receiving side (after the header
-and body were read); :meth:`StreamChannel._intercept` sees every frame first.
+and body were read). ``TRANSPORT`` frames (the transport's own messages) go to
+:meth:`StreamChannel._on_transport`, never to the frame handler; :meth:`StreamChannel._admit`
+may refuse any other frame first.
 """
 
 from __future__ import annotations
@@ -178,6 +180,9 @@ class StreamChannel(Channel):
         if kind == Kind.DATA:
             msg = "DATA frames carry segments: use send_data, not send_control"
             raise ValueError(msg)
+        if kind == Kind.TRANSPORT:
+            msg = "TRANSPORT frames are the transport's own messages; send_control carries the protocol's kinds"
+            raise ValueError(msg)
         raw = wire.encode_body(body)
         if len(raw) > wire.MAX_BODY:
             msg = f"control body of {len(raw)} bytes exceeds the {wire.MAX_BODY}-byte frame limit"
@@ -248,9 +253,13 @@ class StreamChannel(Channel):
         """Whether a frame's payload is still expected (EOF now cuts it short)."""
         return False
 
-    def _intercept(self, h: wire.FrameHeader, body: bytes | bytearray) -> bool:
-        """A hook that sees every frame first; True if it consumed the frame."""
-        return False
+    def _on_transport(self, body: dict[str, Any]) -> None:
+        """A ``TRANSPORT`` frame (the transport's own message) arrived; this transport has none."""
+        msg = f"TRANSPORT frame, but the {self.kind} transport has no messages of its own"
+        raise FrameError(msg)
+
+    def _admit(self, h: wire.FrameHeader) -> None:
+        """Refuse (FrameError) a frame of the protocol that may not arrive now; after its body was read."""
 
     @abc.abstractmethod
     def _on_data_header(self, h: wire.FrameHeader) -> None:
@@ -284,8 +293,10 @@ class StreamChannel(Channel):
         h = wire.unpack_header(raw)
         self._tid = h.transfer_id
         body = self._read_exact(h.body_len) if h.body_len else b""
-        if self._intercept(h, body):
+        if h.kind == Kind.TRANSPORT:
+            self._on_transport(wire.decode_body(bytes(body)))
             return True
+        self._admit(h)
         if h.kind != Kind.DATA:
             decoded = wire.decode_body(bytes(body))
             try:

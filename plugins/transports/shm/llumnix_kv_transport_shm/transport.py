@@ -43,7 +43,8 @@ class ShmTransport(StreamTransport):
 
     def _channel(self, sock: socket.socket, peer_name: str, handler: FrameHandler,
                  memory: MemoryRegistry) -> ShmChannel:
-        return ShmChannel(sock, peer_name, handler, memory, self, on_exit=self._forget)
+        return ShmChannel(sock, peer_name, handler, memory, self.options, self.mappings, self.config.io_timeout_s,
+                          on_exit=self._forget)
 
     def _check_peer(self, address: str) -> None:
         check_local(address)
