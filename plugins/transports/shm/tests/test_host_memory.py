@@ -298,7 +298,7 @@ def test_handshake_from_another_host_identity_is_refused(make_transport):
     host, port = srv.listen("127.0.0.1", 0, shand, MemoryRegistry()).rsplit(":", 1)
     body = json.dumps({"op": "hello", "host": "elsewhere/0000", "pid": 1, "regions": []}).encode()
     with socket.create_connection((host, int(port))) as s:
-        s.sendall(wire.pack_header(Kind.HELLO, bytes(16), flags=4, body_len=len(body)) + body)
+        s.sendall(wire.pack_header(Kind.TRANSPORT, bytes(16), body_len=len(body)) + body)
         _h, got = read_frame(s)
         assert got["op"] == "refuse"
         assert "not this host" in got["error"]
