@@ -19,7 +19,7 @@ from numpy.lib.stride_tricks import as_strided
 
 from llumnix_kv_core.layout import CacheGroupDescription
 from llumnix_kv_core.layout import TensorDescription
-from llumnix_kv_core.testing import heads_of_rank
+from llumnix_kv_core.testing.layouts import heads_of_rank
 from llumnix_kv_core.wire import new_transfer_id
 
 from .test_agent import wait_released

@@ -16,16 +16,16 @@ from llumnix_kv_core import wire
 from llumnix_kv_core.interfaces.transport import Channel
 from llumnix_kv_core.interfaces.transport import TransportConfig
 from llumnix_kv_core.memory import MemoryRegistry
-from llumnix_kv_core.testing import MP_BLOCK as BLOCK
-from llumnix_kv_core.testing import MP_BLOCKS as N_BLOCKS
-from llumnix_kv_core.testing import Recorder
-from llumnix_kv_core.testing import expected_copy
-from llumnix_kv_core.testing import mp_expected_digest
-from llumnix_kv_core.testing import mp_plan
-from llumnix_kv_core.testing import pattern
-from llumnix_kv_core.testing import read_frame
-from llumnix_kv_core.testing import registered
-from llumnix_kv_core.testing import scatter_plan
+from llumnix_kv_core.testing.frames import MP_BLOCK as BLOCK
+from llumnix_kv_core.testing.frames import MP_BLOCKS as N_BLOCKS
+from llumnix_kv_core.testing.frames import Recorder
+from llumnix_kv_core.testing.frames import expected_copy
+from llumnix_kv_core.testing.frames import mp_expected_digest
+from llumnix_kv_core.testing.frames import mp_plan
+from llumnix_kv_core.testing.frames import pattern
+from llumnix_kv_core.testing.frames import read_frame
+from llumnix_kv_core.testing.frames import registered
+from llumnix_kv_core.testing.frames import scatter_plan
 from llumnix_kv_core.wire import Kind
 
 __all__ = ["BLOCK", "N_BLOCKS", "PATHS", "Recorder", "expected_copy", "mp_expected_digest", "mp_plan", "needs_cma",
