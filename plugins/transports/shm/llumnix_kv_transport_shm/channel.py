@@ -93,7 +93,7 @@ class _Incoming:
 class ShmChannel(StreamChannel):
     """Frames over a loopback socket; DATA payloads through the ring, cross-memory attach or CUDA IPC."""
 
-    kind = "shm"
+    transport_name = "shm"
     log = logging.getLogger(__name__)
 
     def __init__(

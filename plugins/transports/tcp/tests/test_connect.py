@@ -30,7 +30,7 @@ from llumnix_kv_core.streams.sockets import parse_address
     ("localhost:65535", ("localhost", 65535)),
 ])
 def test_parse_address(text, want):
-    assert parse_address(text) == want
+    assert parse_address(text, "tcp") == want
     assert format_address(*want) == text
 
 
@@ -38,7 +38,7 @@ def test_parse_address(text, want):
                                   "[]:1"])
 def test_bad_address_is_explained(text):
     with pytest.raises(TransferError, match="expected host:port"):
-        parse_address(text)
+        parse_address(text, "tcp")
 
 
 def test_options_from_extra():
