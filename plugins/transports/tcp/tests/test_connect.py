@@ -10,7 +10,6 @@ import pytest
 from llumnix_kv_transport_tcp import plugin
 from llumnix_kv_transport_tcp.sockets import TcpOptions
 from llumnix_kv_transport_tcp.transport import TcpTransport
-from tcp_testkit import Recorder
 
 from llumnix_kv_core.errors import TransferError
 from llumnix_kv_core.errors import TransferTimeoutError
@@ -21,6 +20,7 @@ from llumnix_kv_core.memory import MemoryRegistry
 from llumnix_kv_core.providers import TransportProvider
 from llumnix_kv_core.streams.sockets import format_address
 from llumnix_kv_core.streams.sockets import parse_address
+from llumnix_kv_core.testing.frames import Recorder
 
 
 @pytest.mark.parametrize(("text", "want"), [
