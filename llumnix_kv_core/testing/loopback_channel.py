@@ -87,7 +87,7 @@ class LoopbackChannel(Channel):
         self._memory = memory
         self._io_timeout = transport.config.io_timeout_s
         self._window = transport.window_bytes  # queued DATA bytes this end takes before senders wait
-        self.remote: LoopbackChannel | None = None  # set by _pair
+        self.remote: LoopbackChannel | None = None  # the other end, set by pair()
         self._cond = threading.Condition()
         self._inbox: deque[_Frame] = deque()
         self._queued = 0  # DATA bytes queued here and not yet handled

@@ -20,7 +20,7 @@ skip, naming the attribute. One transport run with different options is one subc
 option set.
 
 Parts: :mod:`.data` (addresses, control and DATA frames), :mod:`.lifecycle` (closing,
-failed connects, timeouts, error messages), :mod:`.wire` (garbage on a raw socket),
+failed connects, timeouts, error messages), :mod:`.malformed` (garbage on a raw socket),
 :mod:`.processes` (between spawned processes; their entry points live there).
 """
 
@@ -31,13 +31,13 @@ from llumnix_kv_core.testing.transport.base import Pair
 from llumnix_kv_core.testing.transport.base import TransportSpec
 from llumnix_kv_core.testing.transport.data import DataTests
 from llumnix_kv_core.testing.transport.lifecycle import LifecycleTests
+from llumnix_kv_core.testing.transport.malformed import HEADER_CASES
+from llumnix_kv_core.testing.transport.malformed import WIRE_REGION_BYTES
+from llumnix_kv_core.testing.transport.malformed import MalformedFrameTests
 from llumnix_kv_core.testing.transport.processes import ProcessTests
-from llumnix_kv_core.testing.transport.wire import HEADER_CASES
-from llumnix_kv_core.testing.transport.wire import WIRE_REGION_BYTES
-from llumnix_kv_core.testing.transport.wire import WireTests
 
 __all__ = ["HEADER_CASES", "WIRE_REGION_BYTES", "ConformanceBase", "Pair", "TransportConformance", "TransportSpec"]
 
 
-class TransportConformance(DataTests, LifecycleTests, WireTests, ProcessTests):
+class TransportConformance(DataTests, LifecycleTests, MalformedFrameTests, ProcessTests):
     """Every conformance test; subclass it as ``Test<Transport>Conformance`` (see the module docstring)."""

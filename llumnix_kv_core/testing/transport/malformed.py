@@ -39,7 +39,7 @@ HEADER_CASES: dict[str, tuple[bytes, str]] = {
 }
 
 
-class WireTests(ConformanceBase):
+class MalformedFrameTests(ConformanceBase):
     #: The frames ``test_malformed_frame_is_refused`` sends, see ``HEADER_CASES``.
     malformed_frames: dict[str, tuple[bytes, str]] = HEADER_CASES
 
@@ -49,7 +49,7 @@ class WireTests(ConformanceBase):
                                  ids=list(self.malformed_frames))
 
     @pytest.fixture
-    def wire_server(self, make_transport):
+    def raw_server(self, make_transport):
         """(address as (host, port), handler, registered region 1) of a listener on 127.0.0.1."""
         self.require("raw_socket_frames")
         srv = make_transport(io_timeout_s=5.0)
@@ -59,8 +59,8 @@ class WireTests(ConformanceBase):
         host, port = srv.listen("127.0.0.1", 0, handler, memory).rsplit(":", 1)
         return (host, int(port)), handler, buf
 
-    def test_malformed_frame_is_refused(self, wire_server, make_transport, malformed_frame):
-        addr, handler, buf = wire_server
+    def test_malformed_frame_is_refused(self, raw_server, make_transport, malformed_frame):
+        addr, handler, buf = raw_server
         payload, cause = malformed_frame
         with socket.create_connection(addr) as s:
             s.sendall(payload)
@@ -89,8 +89,8 @@ class WireTests(ConformanceBase):
         handler.wait(lambda r: len(r.data) == 1)
         np.testing.assert_array_equal(buf[128:192], src)
 
-    def test_truncated_header_then_eof(self, wire_server):
-        addr, handler, buf = wire_server
+    def test_truncated_header_then_eof(self, raw_server):
+        addr, handler, buf = raw_server
         with socket.create_connection(addr) as s:
             s.sendall(raw_frame(Kind.HELLO)[:20])
         handler.wait(lambda r: len(r.closed) == 1)
