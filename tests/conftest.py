@@ -1,20 +1,19 @@
-"""Shared fixtures of the core tests: plugin modules on disk, TCP-backed transfer agents."""
+"""Shared fixtures of the core tests: plugin modules on disk, transfer agents over the in-process loopback."""
 
 from __future__ import annotations
 
 import importlib
 import sys
 import textwrap
-import threading
 import uuid
 from pathlib import Path
 
 import pytest
 
-from llumnix_kv_core.agent import KVAgent
-from llumnix_kv_core.interfaces.transport import TransportConfig
 from llumnix_kv_core.manager import Registry
 from llumnix_kv_core.manager import build_registry
+from llumnix_kv_core.testing.agents import agents
+from llumnix_kv_core.testing.loopback import LoopbackTransport
 
 # registry_testkit is imported by name from the test modules.
 _HERE = str(Path(__file__).resolve().parent)
@@ -58,29 +57,8 @@ def registry() -> Registry:
 
 
 @pytest.fixture
-def make_agent(registry: Registry):
-    """``make(layouts, signature, timeout_s=10.0, listen=False, tp=(rank, size)) -> KVAgent`` over tcp.
-
-    Every agent is closed after the test, and no transport thread may outlive it.
-    """
-    made: list[KVAgent] = []
-
-    def make(layouts, signature, *, timeout_s: float = 10.0, listen: bool = False, connections: int = 2,
-             tp: tuple[int, int] = (0, 1)):
-        cfg = TransportConfig(connect_timeout_s=5.0, io_timeout_s=10.0, connections_per_peer=connections)
-        agent = KVAgent(registry.transport("tcp").factory(cfg), list(layouts), dict(signature), timeout_s=timeout_s,
-                        tp_rank=tp[0], tp_size=tp[1])
-        made.append(agent)
-        if listen:
-            agent.listen("127.0.0.1", 0)
-        return agent
-
-    yield make
-    for agent in made:
-        agent.close()
-    # A channel closed by its peer may still be finishing its on_closed callback: allow it a moment.
-    for th in threading.enumerate():
-        if th.name.startswith("lkv-tcp"):
-            th.join(5.0)
-    left = [th.name for th in threading.enumerate() if th.name.startswith("lkv-tcp")]
-    assert not left, f"transport threads still running after close: {left}"
+def make_agent():
+    """``make(layouts, signature, timeout_s=10.0, listen=False, connections=2, tp=(rank, size)) -> KVAgent``
+    over the loopback transport (see :func:`llumnix_kv_core.testing.agents.agents`)."""
+    with agents(LoopbackTransport, "lkv-loopback") as make:
+        yield make

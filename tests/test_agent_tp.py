@@ -1,4 +1,4 @@
-"""Heterogeneous tensor parallelism through real transfer agents over TCP on 127.0.0.1.
+"""Heterogeneous tensor parallelism through real transfer agents (over the in-process loopback transport).
 
 Each TP rank is its own agent with its own cache (vLLM's LBNHC attention pages holding that
 rank's heads of one global cache). A decode rank pulls from every prefill rank that holds
@@ -19,11 +19,10 @@ from numpy.lib.stride_tricks import as_strided
 
 from llumnix_kv_core.layout import CacheGroupDescription
 from llumnix_kv_core.layout import TensorDescription
-from llumnix_kv_core.testing import heads_of_rank
+from llumnix_kv_core.testing.agents import wait_released
+from llumnix_kv_core.testing.agents import wait_transfer
+from llumnix_kv_core.testing.layouts import heads_of_rank
 from llumnix_kv_core.wire import new_transfer_id
-
-from .test_agent import wait_released
-from .test_agent import wait_transfer
 
 LAYERS, HEADS, TOKENS, CELL = 3, 4, 8, 32  # CELL: K|V bytes per (head, token)
 

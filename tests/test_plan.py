@@ -27,8 +27,8 @@ from llumnix_kv_core.plan import compile_template
 from llumnix_kv_core.plan import plan_tensor
 from llumnix_kv_core.plan import tp_expected_pulls
 from llumnix_kv_core.plan import tp_sources
-from llumnix_kv_core.testing import copy_between_ranks
-from llumnix_kv_core.testing import heads_of_rank
+from llumnix_kv_core.testing.layouts import copy_between_ranks
+from llumnix_kv_core.testing.layouts import heads_of_rank
 
 ORDERS = ("LBNHC", "LBHNC", "LHBNC")
 TP_PAIRS = [(1, 1), (2, 1), (1, 2), (4, 2), (2, 4), (4, 1), (1, 4), (8, 2)]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 
 import pytest
+from llumnix_kv_layout_flash_attn.parser import FlashAttnParser
 
 from llumnix_kv_core.agent.receiver import RecvTransfer
 from llumnix_kv_core.agent.send_book import SendTransfer
@@ -14,13 +15,14 @@ from llumnix_kv_core.agent.states import RecvState
 from llumnix_kv_core.agent.states import SendState
 from llumnix_kv_core.agent.states import is_final
 from llumnix_kv_core.agent.states import move
+from llumnix_kv_core.testing.agents import KVCache
+from llumnix_kv_core.testing.agents import send_all
+from llumnix_kv_core.testing.agents import wait_for
+from llumnix_kv_core.testing.agents import wait_released
+from llumnix_kv_core.testing.agents import wait_transfer
 from llumnix_kv_core.wire import new_transfer_id
 
-from .test_agent import KVCache
-from .test_agent import send_all
-from .test_agent import wait_for
-from .test_agent import wait_released
-from .test_agent import wait_transfer
+PARSER = FlashAttnParser()
 
 
 def _reachable(start):
@@ -70,7 +72,7 @@ def test_transfers_move_only_as_the_table_says():
 
 @pytest.fixture
 def pair(make_agent):
-    p, d = KVCache(seed=1), KVCache(seed=2, blocks=48)
+    p, d = KVCache(1, PARSER), KVCache(2, PARSER, blocks=48)
     return p, make_agent([p.layout], p.signature(), listen=True), d, make_agent([d.layout], d.signature())
 
 

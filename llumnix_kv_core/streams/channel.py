@@ -70,15 +70,56 @@ def as_u64(a: Any, what: str) -> np.ndarray:
     return arr
 
 
+def control_body(transport: str, kind: Kind, body: dict[str, Any] | None) -> bytes:
+    """The encoded body of a control frame of ``kind``; ValueError naming ``transport`` if it cannot be sent."""
+    if kind == Kind.DATA:
+        msg = f"{transport} send_control: DATA frames carry segments, use send_data"
+        raise ValueError(msg)
+    if kind == Kind.TRANSPORT:
+        msg = (f"{transport} send_control: TRANSPORT frames are the transport's own messages; send_control "
+               "carries the protocol's kinds")
+        raise ValueError(msg)
+    raw = wire.encode_body(body)
+    if len(raw) > wire.MAX_BODY:
+        msg = f"{transport} send_control: a body of {len(raw)} bytes exceeds the {wire.MAX_BODY}-byte frame limit"
+        raise ValueError(msg)
+    return raw
+
+
+def checked_segments(transport: str, layer: int, src_addrs: Any, dst_regions: Any, dst_offsets: Any,
+                     lengths: Any) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """``send_data``'s arguments as uint64 arrays (src, regions, offsets, lengths), checked against the
+    frame limits; ValueError naming ``transport`` and what is wrong otherwise."""
+    call = f"{transport} send_data"
+    src = as_u64(src_addrs, f"{call}: src_addrs")
+    lens = as_u64(lengths, f"{call}: lengths")
+    regions = as_u64(dst_regions, f"{call}: dst_regions")
+    offsets = as_u64(dst_offsets, f"{call}: dst_offsets")
+    n = len(lens)
+    if not (len(src) == len(regions) == len(offsets) == n):
+        msg = (
+            f"{call} needs arrays of one length: src_addrs {len(src)}, "
+            f"dst_regions {len(regions)}, dst_offsets {len(offsets)}, lengths {n}"
+        )
+        raise ValueError(msg)
+    if n > wire.MAX_SEGMENTS:
+        msg = f"{call}: {n} segments exceed the {wire.MAX_SEGMENTS}-segment frame limit; split the transfer"
+        raise ValueError(msg)
+    if not 0 <= layer <= wire.NO_LAYER:
+        msg = f"{call}: layer {layer} does not fit the frame header (0 .. {wire.NO_LAYER})"
+        raise ValueError(msg)
+    return src, regions, offsets, lens
+
+
 class StreamChannel(Channel):
     """A bidirectional frame channel over one connected socket.
 
-    Class attributes a subclass sets: ``kind`` (the transport's name in messages and thread
-    names), ``log`` (its logger), ``stall_hint`` (appended to a send timeout's cause) and
+    Class attributes a subclass sets: ``transport_name`` (the transport's name, which every
+    message and thread name carries), ``log`` (its logger), ``stall_hint`` (appended to a send timeout's cause) and
     ``linger_s`` (how long to drain the peer after sending it an ERROR frame).
     """
 
-    kind: str
+    transport_name: str
     log: logging.Logger
     stall_hint = ""
     linger_s = 0.0
@@ -107,7 +148,7 @@ class StreamChannel(Channel):
         self._closed = False  # the receive thread has finished
         self._error: BaseException | None = None  # first failure seen by a sender
         self._tid = ZERO_TID  # transfer id of the frame being received (for ERROR replies)
-        self._thread = threading.Thread(target=self._recv_loop, name=f"lkv-{self.kind}-recv {peer_name}",
+        self._thread = threading.Thread(target=self._recv_loop, name=f"lkv-{self.transport_name}-recv {peer_name}",
                                         daemon=True)
 
     def start(self) -> None:
@@ -143,11 +184,11 @@ class StreamChannel(Channel):
             self._thread.join(JOIN_S)
             if self._thread.is_alive():
                 self.log.warning("%s channel %s: receive thread did not stop within %.0f s",
-                                 self.kind, self.peer_name, JOIN_S)
+                                 self.transport_name, self.peer_name, JOIN_S)
 
     def _closed_error(self) -> TransferError:
         why = f" ({self._error})" if self._error is not None else " (closed locally)" if self._closing else ""
-        msg = f"{self.kind} channel to {self.peer_name} is closed{why}; reconnect to the peer to send again"
+        msg = f"{self.transport_name} channel to {self.peer_name} is closed{why}; reconnect to the peer to send again"
         return TransferError(msg)
 
     # -- sending -----------------------------------------------------------------------------
@@ -163,13 +204,14 @@ class StreamChannel(Channel):
                 return
             except TimeoutError as exc:
                 msg = (
-                    f"sending to {self.kind} peer {self.peer_name} made no progress for {self._io_timeout:g} s"
-                    f"{self.stall_hint}; the channel is closed"
+                    f"sending to {self.transport_name} peer {self.peer_name} made no progress for "
+                    f"{self._io_timeout:g} s{self.stall_hint}; the channel is closed"
                 )
                 err: TransferError = TransferTimeoutError(msg)
                 err.__cause__ = exc
             except OSError as exc:
-                msg = f"sending to {self.kind} peer {self.peer_name} failed: {exc}; the peer is gone, reconnect"
+                msg = (f"sending to {self.transport_name} peer {self.peer_name} failed: {exc}; the peer is gone, "
+                       "reconnect")
                 err = TransferError(msg)
                 err.__cause__ = exc
         self._fail(err)
@@ -177,16 +219,7 @@ class StreamChannel(Channel):
 
     def send_control(self, kind: Kind, transfer_id: str | bytes, body: dict[str, Any] | None = None) -> None:
         kind = Kind(kind)
-        if kind == Kind.DATA:
-            msg = "DATA frames carry segments: use send_data, not send_control"
-            raise ValueError(msg)
-        if kind == Kind.TRANSPORT:
-            msg = "TRANSPORT frames are the transport's own messages; send_control carries the protocol's kinds"
-            raise ValueError(msg)
-        raw = wire.encode_body(body)
-        if len(raw) > wire.MAX_BODY:
-            msg = f"control body of {len(raw)} bytes exceeds the {wire.MAX_BODY}-byte frame limit"
-            raise ValueError(msg)
+        raw = control_body(self.transport_name, kind, body)
         self._send(wire.pack_header(kind, transfer_id, body_len=len(raw)) + raw)
 
     def send_data(
@@ -200,23 +233,8 @@ class StreamChannel(Channel):
         ready_event: int | None = None,
     ) -> int:
         """Check the segments, then send one DATA frame (:meth:`_send_data`); returns its payload bytes."""
-        src = as_u64(src_addrs, "src_addrs")
-        lens = as_u64(lengths, "lengths")
-        regions = as_u64(dst_regions, "dst_regions")
-        offsets = as_u64(dst_offsets, "dst_offsets")
-        n = len(lens)
-        if not (len(src) == len(regions) == len(offsets) == n):
-            msg = (
-                f"send_data needs arrays of one length: src_addrs {len(src)}, "
-                f"dst_regions {len(regions)}, dst_offsets {len(offsets)}, lengths {n}"
-            )
-            raise ValueError(msg)
-        if n > wire.MAX_SEGMENTS:
-            msg = f"{n} segments exceed the {wire.MAX_SEGMENTS}-segment frame limit; split the transfer"
-            raise ValueError(msg)
-        if not 0 <= layer <= wire.NO_LAYER:
-            msg = f"layer {layer} does not fit the frame header (0 .. {wire.NO_LAYER})"
-            raise ValueError(msg)
+        src, regions, offsets, lens = checked_segments(self.transport_name, layer, src_addrs, dst_regions,
+                                                       dst_offsets, lengths)
         return self._send_data(transfer_id, layer, src, regions, offsets, lens, ready_event)
 
     @abc.abstractmethod
@@ -255,7 +273,7 @@ class StreamChannel(Channel):
 
     def _on_transport(self, body: dict[str, Any]) -> None:
         """A ``TRANSPORT`` frame (the transport's own message) arrived; this transport has none."""
-        msg = f"TRANSPORT frame, but the {self.kind} transport has no messages of its own"
+        msg = f"TRANSPORT frame, but the {self.transport_name} transport has no messages of its own"
         raise FrameError(msg)
 
     def _admit(self, h: wire.FrameHeader) -> None:
@@ -271,7 +289,7 @@ class StreamChannel(Channel):
             return bool(self._handler.accept_data(h.transfer_id, h.layer))
         except Exception:
             self.log.exception("%s channel %s: accept_data handler raised (payload dropped)",
-                               self.kind, self.peer_name)
+                               self.transport_name, self.peer_name)
             return False
 
     def _deliver(self, transfer_id: bytes, layer: int, nbytes: int, n_segments: int) -> None:
@@ -279,7 +297,7 @@ class StreamChannel(Channel):
         try:
             self._handler.on_data(self, transfer_id, layer, nbytes, n_segments)
         except Exception:
-            self.log.exception("%s channel %s: on_data handler raised", self.kind, self.peer_name)
+            self.log.exception("%s channel %s: on_data handler raised", self.transport_name, self.peer_name)
 
     def _one_frame(self) -> bool:
         """Receive and dispatch one frame; False on a clean EOF between frames."""
@@ -303,14 +321,14 @@ class StreamChannel(Channel):
                 self._handler.on_control(self, h.kind, h.transfer_id, decoded)
             except Exception:
                 self.log.exception("%s channel %s: on_control handler raised (frame dropped)",
-                                   self.kind, self.peer_name)
+                                   self.transport_name, self.peer_name)
             return True
         self._on_data_header(h)
         return True
 
     def _recv_loop(self) -> None:
         error: BaseException | None = None
-        peer = f"{self.kind} peer {self.peer_name}"
+        peer = f"{self.transport_name} peer {self.peer_name}"
         try:
             while self._one_frame():
                 self._tid = ZERO_TID
@@ -333,8 +351,8 @@ class StreamChannel(Channel):
             error = TransferError(f"connection to {peer} lost: {exc}")
             error.__cause__ = exc
         except Exception as exc:
-            self.log.exception("%s channel %s: receive failed", self.kind, self.peer_name)
-            error = TransferError(f"{self.kind} channel {self.peer_name}: receiving failed with {exc!r}")
+            self.log.exception("%s channel %s: receive failed", self.transport_name, self.peer_name)
+            error = TransferError(f"{self.transport_name} channel {self.peer_name}: receiving failed with {exc!r}")
             error.__cause__ = exc
         finally:
             self._finish(error)
@@ -399,7 +417,7 @@ class StreamChannel(Channel):
         try:
             self._handler.on_closed(self, error)
         except Exception:
-            self.log.exception("%s channel %s: on_closed handler raised", self.kind, self.peer_name)
+            self.log.exception("%s channel %s: on_closed handler raised", self.transport_name, self.peer_name)
         finally:
             # Last: once the transport forgets this channel, close() may return.
             if self._on_exit is not None:

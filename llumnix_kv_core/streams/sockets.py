@@ -1,4 +1,8 @@
-"""Address strings and TCP socket setup of socket-based transports."""
+"""Address strings and TCP socket setup of socket-based transports.
+
+Every function that can fail takes ``transport``, the name of the transport in use, so its
+messages say which transport failed (tcp and shm share this code).
+"""
 
 from __future__ import annotations
 
@@ -26,22 +30,22 @@ class SocketOptions:
     listen_backlog: int = 128
 
 
-def options_from_extra(kind: str, extra: tuple[tuple[str, Any], ...], known: set[str]) -> dict[str, Any]:
-    """``TransportConfig.extra`` as a dict; ValueError naming what the ``kind`` transport understands."""
+def options_from_extra(transport: str, extra: tuple[tuple[str, Any], ...], known: set[str]) -> dict[str, Any]:
+    """``TransportConfig.extra`` as a dict; ValueError naming what the ``transport`` transport understands."""
     given = dict(extra)
     unknown = sorted(set(given) - known)
     if unknown:
         msg = (
-            f"unknown {kind} transport option(s) {', '.join(unknown)}; "
-            f"the {kind} transport understands {', '.join(sorted(known))}"
+            f"unknown {transport} transport option(s) {', '.join(unknown)}; "
+            f"the {transport} transport understands {', '.join(sorted(known))}"
         )
         raise ValueError(msg)
     return given
 
 
-def parse_address(address: str) -> tuple[str, int]:
-    """``"host:port"`` or ``"[ipv6]:port"`` -> (host, port)."""
-    bad = f"bad tcp address {address!r}: expected host:port, e.g. 127.0.0.1:5555 or [::1]:5555"
+def parse_address(address: str, transport: str) -> tuple[str, int]:
+    """``"host:port"`` or ``"[ipv6]:port"`` -> (host, port); TransferError naming ``transport`` otherwise."""
+    bad = f"bad {transport} address {address!r}: expected host:port, e.g. 127.0.0.1:5555 or [::1]:5555"
     if not isinstance(address, str):
         raise TransferError(bad)
     if address.startswith("["):
@@ -87,13 +91,14 @@ def _hint(address: str) -> str:
     return f"check that the peer is running and listening on {address}, and that the address/port are right"
 
 
-def open_listener(host: str, port: int, opts: SocketOptions) -> socket.socket:
-    """A bound, listening socket for ``host:port`` (port 0: ephemeral)."""
+def open_listener(host: str, port: int, opts: SocketOptions, transport: str) -> socket.socket:
+    """A bound, listening socket for ``host:port`` (port 0: ephemeral); TransferError naming ``transport``."""
     address = format_address(host, port)
     try:
         infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
     except socket.gaierror as exc:
-        msg = f"cannot listen on {address}: host {host!r} does not resolve ({exc}); use a local IP address"
+        msg = (f"{transport} transport cannot listen on {address}: host {host!r} does not resolve ({exc}); "
+               "use a local IP address")
         raise TransferError(msg) from exc
     family, type_, proto, _, sockaddr = infos[0]
     sock = socket.socket(family, type_, proto)
@@ -104,19 +109,20 @@ def open_listener(host: str, port: int, opts: SocketOptions) -> socket.socket:
         sock.listen(opts.listen_backlog)
     except OSError as exc:
         sock.close()
-        msg = f"cannot listen on {address}: {exc}; pick a free port (or port 0) and a local address"
+        msg = (f"{transport} transport cannot listen on {address}: {exc}; pick a free port (or port 0) and a local "
+               "address")
         raise TransferError(msg) from exc
     return sock
 
 
-def open_connection(address: str, timeout_s: float, opts: SocketOptions) -> socket.socket:
-    """A connected, tuned socket to ``address``; TransferError / TransferTimeoutError naming it."""
-    host, port = parse_address(address)
+def open_connection(address: str, timeout_s: float, opts: SocketOptions, transport: str) -> socket.socket:
+    """A connected, tuned socket to ``address``; TransferError / TransferTimeoutError naming it and ``transport``."""
+    host, port = parse_address(address, transport)
     deadline = time.monotonic() + timeout_s
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except socket.gaierror as exc:
-        msg = f"cannot connect to tcp peer {address}: host {host!r} does not resolve ({exc}); "
+        msg = f"cannot connect to {transport} peer {address}: host {host!r} does not resolve ({exc}); "
         msg += _hint(address)
         raise TransferError(msg) from exc
     last: OSError | None = None
@@ -135,10 +141,10 @@ def open_connection(address: str, timeout_s: float, opts: SocketOptions) -> sock
             continue
         return sock
     if last is None or isinstance(last, TimeoutError):
-        msg = f"connecting to tcp peer {address} timed out after {timeout_s:g} s; {_hint(address)}"
+        msg = f"connecting to {transport} peer {address} timed out after {timeout_s:g} s; {_hint(address)}"
         raise TransferTimeoutError(msg) from last
     if isinstance(last, ConnectionRefusedError):
-        msg = f"tcp peer {address} refused the connection (nothing listens there); {_hint(address)}"
+        msg = f"{transport} peer {address} refused the connection (nothing listens there); {_hint(address)}"
         raise TransferError(msg) from last
-    msg = f"cannot connect to tcp peer {address}: {last}; {_hint(address)}"
+    msg = f"cannot connect to {transport} peer {address}: {last}; {_hint(address)}"
     raise TransferError(msg) from last

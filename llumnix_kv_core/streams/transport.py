@@ -109,9 +109,9 @@ class _Listener:
 class StreamTransport(Transport):
     """Frames over sockets, one :class:`StreamChannel` per connection.
 
-    A subclass sets ``name``, ``log``, ``peer_type`` and (in ``__init__``) ``socket_options``, and builds its
-    channels in :meth:`_channel`; :meth:`_check_peer`, :meth:`_connected` and :meth:`_release`
-    are optional hooks.
+    A subclass sets ``name`` (which every message and thread name carries), ``log``, ``peer_type``
+    and (in ``__init__``) ``socket_options``, and builds its channels in :meth:`_channel`;
+    :meth:`_check_peer`, :meth:`_connected` and :meth:`_release` are optional hooks.
     """
 
     log: logging.Logger
@@ -121,12 +121,12 @@ class StreamTransport(Transport):
     def __init__(self, config: TransportConfig) -> None:
         super().__init__(config)
         if config.connections_per_peer < 1:
-            msg = f"connections_per_peer must be at least 1, got {config.connections_per_peer}"
+            msg = f"{self.name} transport: connections_per_peer must be at least 1, got {config.connections_per_peer}"
             raise ValueError(msg)
         if not (config.io_timeout_s > 0 and config.connect_timeout_s > 0):
             msg = (
-                f"io_timeout_s and connect_timeout_s must be positive seconds, got {config.io_timeout_s} "
-                f"and {config.connect_timeout_s}"
+                f"{self.name} transport: io_timeout_s and connect_timeout_s must be positive seconds, got "
+                f"{config.io_timeout_s} and {config.connect_timeout_s}"
             )
             raise ValueError(msg)
         self._lock = threading.Lock()
@@ -179,7 +179,7 @@ class StreamTransport(Transport):
         other hosts must be given one of this host's real addresses instead.
         """
         self._check_open()
-        sock = open_listener(host, port, self.socket_options)
+        sock = open_listener(host, port, self.socket_options, self.name)
         bound = sock.getsockname()
         address = format_address(bound[0], bound[1])
         lst = _Listener(self, sock, address, handler, memory)
@@ -199,7 +199,7 @@ class StreamTransport(Transport):
         chans: list[StreamChannel] = []
         try:
             for _ in range(self.config.connections_per_peer):
-                socks.append(open_connection(address, self.config.connect_timeout_s, self.socket_options))
+                socks.append(open_connection(address, self.config.connect_timeout_s, self.socket_options, self.name))
                 chans.append(self._channel(socks[-1], address, handler, memory))
                 self._connected(chans[-1])
         except BaseException:

@@ -22,7 +22,7 @@ from llumnix_kv_core.layout import CacheGroupDescription
 from llumnix_kv_core.layout import TensorDescription
 from llumnix_kv_core.layout import check_compatible
 from llumnix_kv_core.plan import tp_sources
-from llumnix_kv_core.testing import copy_by_rank_pair
+from llumnix_kv_core.testing.layouts import copy_by_rank_pair
 
 MLA = ["model.layers.0.self_attn.attn", "model.layers.1.self_attn.attn"]
 IDX = ["model.layers.0.self_attn.indexer.k_cache", "model.layers.1.self_attn.indexer.k_cache"]

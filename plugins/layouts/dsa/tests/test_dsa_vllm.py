@@ -22,8 +22,8 @@ from llumnix_kv_layout_mla.parser import MlaParser  # noqa: E402
 from llumnix_kv_core.errors import LayoutError  # noqa: E402
 from llumnix_kv_core.layout import CacheGroupDescription  # noqa: E402
 from llumnix_kv_core.layout import TensorDescription  # noqa: E402
-from llumnix_kv_core.testing import copy_between_ranks  # noqa: E402
-from llumnix_kv_core.testing import vllm_group  # noqa: E402
+from llumnix_kv_core.testing.layouts import copy_between_ranks  # noqa: E402
+from llumnix_kv_core.testing.layouts import vllm_group  # noqa: E402
 
 MLA = ["model.layers.0.self_attn.attn", "model.layers.1.self_attn.attn"]
 IDX = ["model.layers.0.self_attn.indexer.k_cache", "model.layers.1.self_attn.indexer.k_cache"]

@@ -20,10 +20,10 @@ pytest.importorskip("vllm")
 
 from llumnix_kv_layout_flash_attn.parser import FlashAttnParser  # noqa: E402
 
-from llumnix_kv_core.testing import byte_view  # noqa: E402
-from llumnix_kv_core.testing import copy_between_ranks  # noqa: E402
-from llumnix_kv_core.testing import heads_of_rank  # noqa: E402
-from llumnix_kv_core.testing import vllm_group  # noqa: E402
+from llumnix_kv_core.testing.layouts import byte_view  # noqa: E402
+from llumnix_kv_core.testing.layouts import copy_between_ranks  # noqa: E402
+from llumnix_kv_core.testing.layouts import heads_of_rank  # noqa: E402
+from llumnix_kv_core.testing.layouts import vllm_group  # noqa: E402
 
 LAYERS = ["model.layers.0.self_attn.attn", "model.layers.1.self_attn.attn"]
 TP_PAIRS = [(1, 1), (2, 1), (1, 2), (4, 2), (2, 4), (4, 1), (1, 4), (2, 2)]

@@ -23,7 +23,7 @@ from llumnix_kv_core.layout import CacheGroupDescription
 from llumnix_kv_core.layout import TensorDescription
 from llumnix_kv_core.layout import check_compatible
 from llumnix_kv_core.plan import compile_template
-from llumnix_kv_core.testing import copy_by_rank_pair
+from llumnix_kv_core.testing.layouts import copy_by_rank_pair
 
 LAYERS = ["model.layers.0.self_attn.attn", "model.layers.1.self_attn.attn"]
 HEADS, N, D, ITEM = 4, 16, 8, 2  # global kv heads, tokens per block, head size, bf16

@@ -22,10 +22,10 @@ from llumnix_kv_layout_flashinfer.parser import flashinfer_order  # noqa: E402
 from llumnix_kv_core.layout import CacheGroupDescription  # noqa: E402
 from llumnix_kv_core.layout import TensorDescription  # noqa: E402
 from llumnix_kv_core.layout import check_compatible  # noqa: E402
-from llumnix_kv_core.testing import byte_view  # noqa: E402
-from llumnix_kv_core.testing import copy_between_ranks  # noqa: E402
-from llumnix_kv_core.testing import heads_of_rank  # noqa: E402
-from llumnix_kv_core.testing import vllm_group  # noqa: E402
+from llumnix_kv_core.testing.layouts import byte_view  # noqa: E402
+from llumnix_kv_core.testing.layouts import copy_between_ranks  # noqa: E402
+from llumnix_kv_core.testing.layouts import heads_of_rank  # noqa: E402
+from llumnix_kv_core.testing.layouts import vllm_group  # noqa: E402
 
 LAYERS = ["model.layers.0.self_attn.attn", "model.layers.1.self_attn.attn"]
 HEADS, BLOCK, HEAD = 4, 16, 16

@@ -20,7 +20,7 @@ from llumnix_kv_core.layout import MOVES_LAST_STATE
 from llumnix_kv_core.layout import CacheGroupDescription
 from llumnix_kv_core.layout import TensorDescription
 from llumnix_kv_core.layout import check_compatible
-from llumnix_kv_core.testing import copy_by_rank_pair
+from llumnix_kv_core.testing.layouts import copy_by_rank_pair
 
 LAYERS = ["model.layers.0.linear_attn", "model.layers.1.linear_attn"]
 NK, NV, HK, HV, S = 2, 4, 16, 8, 3  # key heads, value heads, head dims, conv state length (kernel - 1)

@@ -22,8 +22,8 @@ from llumnix_kv_layout_gdn.parser import GdnParser  # noqa: E402
 from llumnix_kv_core.errors import LayoutError  # noqa: E402
 from llumnix_kv_core.layout import MOVES_LAST_STATE  # noqa: E402
 from llumnix_kv_core.layout import check_compatible  # noqa: E402
-from llumnix_kv_core.testing import copy_between_ranks  # noqa: E402
-from llumnix_kv_core.testing import vllm_group  # noqa: E402
+from llumnix_kv_core.testing.layouts import copy_between_ranks  # noqa: E402
+from llumnix_kv_core.testing.layouts import vllm_group  # noqa: E402
 
 LAYERS = ["model.layers.0.linear_attn", "model.layers.1.linear_attn"]
 NK, NV, HK, HV, KERNEL = 2, 4, 16, 8, 4  # key heads, value heads, head dims, conv kernel

@@ -19,7 +19,7 @@ from llumnix_kv_core.layout import CacheGroupDescription
 from llumnix_kv_core.layout import TensorDescription
 from llumnix_kv_core.layout import check_compatible
 from llumnix_kv_core.plan import tp_sources
-from llumnix_kv_core.testing import copy_by_rank_pair
+from llumnix_kv_core.testing.layouts import copy_by_rank_pair
 
 LAYERS = ["model.layers.0.self_attn.attn", "model.layers.1.self_attn.attn"]
 N, C, ITEM = 16, 576, 2  # tokens per block, latent elements per token, bf16

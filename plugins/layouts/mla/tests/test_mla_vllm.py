@@ -17,9 +17,9 @@ from llumnix_kv_layout_mla.parser import MlaParser  # noqa: E402
 
 from llumnix_kv_core.layout import CacheGroupDescription  # noqa: E402
 from llumnix_kv_core.layout import TensorDescription  # noqa: E402
-from llumnix_kv_core.testing import byte_view  # noqa: E402
-from llumnix_kv_core.testing import copy_between_ranks  # noqa: E402
-from llumnix_kv_core.testing import vllm_group  # noqa: E402
+from llumnix_kv_core.testing.layouts import byte_view  # noqa: E402
+from llumnix_kv_core.testing.layouts import copy_between_ranks  # noqa: E402
+from llumnix_kv_core.testing.layouts import vllm_group  # noqa: E402
 
 LAYERS = ["model.layers.0.self_attn.attn", "model.layers.1.self_attn.attn"]
 

@@ -74,7 +74,7 @@ class ShmChannel(StreamChannel):
     shares between channels, and ``io_timeout_s``.
     """
 
-    kind = "shm"
+    transport_name = "shm"
     log = logging.getLogger(__name__)
 
     def __init__(

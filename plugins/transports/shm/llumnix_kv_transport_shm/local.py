@@ -78,7 +78,7 @@ def _is_local_ip(family: int, ip: str) -> bool:
 
 def check_local(address: str) -> tuple[str, int]:
     """(host, port) of ``address`` if it names this host; TransferError naming the fix otherwise."""
-    host, port = parse_address(address)
+    host, port = parse_address(address, "shm")
     try:
         infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
     except socket.gaierror as exc:

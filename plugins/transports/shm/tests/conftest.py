@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-# shm_testkit must be importable by name, also in processes started with the spawn method,
-# which inherit sys.path.
+# The kits here (shm_testkit; gpu_testkit, whose functions spawned GPU processes run) must be
+# importable by name, also in processes started with the spawn method, which inherit sys.path.
 _HERE = str(Path(__file__).resolve().parent)
 if _HERE not in sys.path:
     sys.path.insert(0, _HERE)

@@ -12,13 +12,13 @@ import time
 
 import numpy as np
 import pytest
-from shm_testkit import Recorder
 
 from llumnix_kv_core import native
 from llumnix_kv_core import wire
 from llumnix_kv_core.errors import TransferError
 from llumnix_kv_core.memory import MemoryRegion
 from llumnix_kv_core.memory import MemoryRegistry
+from llumnix_kv_core.testing.frames import Recorder
 
 pytestmark = pytest.mark.gpu
 

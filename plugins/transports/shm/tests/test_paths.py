@@ -16,9 +16,6 @@ import pytest
 from llumnix_kv_transport_shm.local import host_identity
 from shm_testkit import PATHS
 from shm_testkit import SMALL_RING
-from shm_testkit import Recorder
-from shm_testkit import read_frame
-from shm_testkit import registered
 
 from llumnix_kv_core import native
 from llumnix_kv_core import wire
@@ -26,6 +23,9 @@ from llumnix_kv_core.errors import FrameError
 from llumnix_kv_core.errors import TransferError
 from llumnix_kv_core.interfaces.transport import TransportConfig
 from llumnix_kv_core.memory import MemoryRegistry
+from llumnix_kv_core.testing.frames import Recorder
+from llumnix_kv_core.testing.frames import read_frame
+from llumnix_kv_core.testing.frames import registered
 from llumnix_kv_core.wire import Kind
 
 

@@ -38,7 +38,7 @@ def _with_fix(cause: str) -> str:
 class TcpChannel(StreamChannel):
     """A bidirectional frame channel over one connected TCP socket."""
 
-    kind = "tcp"
+    transport_name = "tcp"
     log = logging.getLogger(__name__)
     stall_hint = " (peer stalled or network down)"
     linger_s = 1.0  # after an ERROR frame: how long to drain the peer before closing

@@ -1,20 +1,11 @@
 from __future__ import annotations
 
-import sys
 import threading
-from pathlib import Path
 
 import pytest
+from llumnix_kv_transport_tcp.transport import TcpTransport
 
-# tcp_testkit (handlers, buffers, process entry points) must be importable by name, also in
-# processes started with the spawn method, which inherit sys.path.
-_HERE = str(Path(__file__).resolve().parent)
-if _HERE not in sys.path:
-    sys.path.insert(0, _HERE)
-
-from llumnix_kv_transport_tcp.transport import TcpTransport  # noqa: E402
-
-from llumnix_kv_core.interfaces.transport import TransportConfig  # noqa: E402
+from llumnix_kv_core.interfaces.transport import TransportConfig
 
 
 @pytest.fixture

@@ -10,7 +10,6 @@ import pytest
 from llumnix_kv_transport_tcp import plugin
 from llumnix_kv_transport_tcp.sockets import TcpOptions
 from llumnix_kv_transport_tcp.transport import TcpTransport
-from tcp_testkit import Recorder
 
 from llumnix_kv_core.errors import TransferError
 from llumnix_kv_core.errors import TransferTimeoutError
@@ -21,6 +20,7 @@ from llumnix_kv_core.memory import MemoryRegistry
 from llumnix_kv_core.providers import TransportProvider
 from llumnix_kv_core.streams.sockets import format_address
 from llumnix_kv_core.streams.sockets import parse_address
+from llumnix_kv_core.testing.frames import Recorder
 
 
 @pytest.mark.parametrize(("text", "want"), [
@@ -30,7 +30,7 @@ from llumnix_kv_core.streams.sockets import parse_address
     ("localhost:65535", ("localhost", 65535)),
 ])
 def test_parse_address(text, want):
-    assert parse_address(text) == want
+    assert parse_address(text, "tcp") == want
     assert format_address(*want) == text
 
 
@@ -38,7 +38,7 @@ def test_parse_address(text, want):
                                   "[]:1"])
 def test_bad_address_is_explained(text):
     with pytest.raises(TransferError, match="expected host:port"):
-        parse_address(text)
+        parse_address(text, "tcp")
 
 
 def test_options_from_extra():
