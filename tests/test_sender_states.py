@@ -89,9 +89,18 @@ def test_a_confirmed_transfer_is_acked_then_released(pair):
     assert _send_state(pa, tid) is SendState.OPEN
     da.receiver.start(tid, pa.address, {0: [3, 4]}, {0: 0})
     assert wait_transfer(da, tid) == ("done", "")
-    assert da.receiver.completed[-1].state is RecvState.DONE
     wait_for(lambda: _send_state(pa, tid) in (SendState.ACKED, None), "the ACK")
     wait_released(pa, tid)
+    # Each side keeps one record of the transfer for the engine's metrics, taken once.
+    (load,) = da.take_records()
+    (send,) = pa.take_records()
+    assert (load.direction, load.transfer_id, load.outcome, load.ok) == ("load", tid, "done", True)
+    assert (send.direction, send.transfer_id, send.outcome, send.ok) == ("send", tid, "acked", True)
+    assert load.nbytes == send.nbytes == 2 * len(p.names) * p.page_bytes
+    assert load.seconds > 0
+    assert send.seconds > 0
+    assert da.take_records() == pa.take_records() == []
+    assert da.stats().transfers_received == 1
 
 
 def test_an_unclaimed_transfer_expires(pair):

@@ -13,6 +13,7 @@ from typing import Any
 
 from llumnix_kv_core.agent.layers import LayerTable
 from llumnix_kv_core.agent.receiver import KVReceiver
+from llumnix_kv_core.agent.records import TransferRecord
 from llumnix_kv_core.agent.sender import KVSender
 from llumnix_kv_core.interfaces.transport import Channel
 from llumnix_kv_core.interfaces.transport import FrameHandler
@@ -24,7 +25,7 @@ from llumnix_kv_core.wire import Kind
 
 log = logging.getLogger(__name__)
 
-__all__ = ["AgentStats", "KVAgent"]
+__all__ = ["AgentStats", "KVAgent", "TransferRecord"]
 
 
 @dataclass(frozen=True)
@@ -33,17 +34,6 @@ class AgentStats:
     bytes_received: int
     transfers_received: int
     receive_seconds: float  # time during which at least one transfer had data flowing in
-
-
-def _busy_seconds(intervals: list[tuple[float, float]]) -> float:
-    """Length of the union of [start, end) intervals."""
-    total, end = 0.0, float("-inf")
-    for a, b in sorted(intervals):
-        if b <= end:
-            continue
-        total += b - max(a, end)
-        end = b
-    return total
 
 
 class KVAgent(FrameHandler):
@@ -75,13 +65,12 @@ class KVAgent(FrameHandler):
         return self.transport.connect(address, self, self.memory)
 
     def stats(self) -> AgentStats:
-        done = list(self.receiver.completed)
-        return AgentStats(
-            self.sender.bytes_sent,
-            self.receiver.bytes_received,
-            len(done),
-            _busy_seconds([(t.t_first or t.t_done, t.t_done) for t in done]),
-        )
+        busy = self.receiver.busy
+        return AgentStats(self.sender.bytes_sent, self.receiver.bytes_received, busy.count, busy.seconds)
+
+    def take_records(self) -> list[TransferRecord]:
+        """Transfers that ended on either side since the last call (see :class:`TransferRecord`)."""
+        return self.receiver.records.take() + self.sender.records.take()
 
     def close(self) -> None:
         self.receiver.stop()

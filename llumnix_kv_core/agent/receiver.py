@@ -21,6 +21,9 @@ from dataclasses import field
 from typing import Any
 
 from llumnix_kv_core.agent.layers import LayerTable
+from llumnix_kv_core.agent.records import BusyTime
+from llumnix_kv_core.agent.records import RecordLog
+from llumnix_kv_core.agent.records import TransferRecord
 from llumnix_kv_core.agent.states import RecvState
 from llumnix_kv_core.agent.states import is_final
 from llumnix_kv_core.agent.states import move
@@ -100,7 +103,8 @@ class KVReceiver:
         self._jobs: queue.Queue[RecvTransfer | None] = queue.Queue()
         self._stopped = False
         self.bytes_received = 0
-        self.completed: list[RecvTransfer] = []
+        self.busy = BusyTime()  # when data of a completed transfer was flowing in
+        self.records = RecordLog()
         self._threads = [
             threading.Thread(target=self._pull_loop, name="llumnix-kv-pull", daemon=True),
             threading.Thread(target=self._watch_loop, name="llumnix-kv-watch", daemon=True),
@@ -155,6 +159,8 @@ class KVReceiver:
                 else:
                     continue
                 del self._transfers[tid]
+                end = t.t_done or time.monotonic()
+                self.records.add(TransferRecord("load", tid, t.state.value, t.nbytes, end - t.t_start))
         return done, failed
 
     # -- frames --------------------------------------------------------------------------------
@@ -249,7 +255,7 @@ class KVReceiver:
             return
         t.to(RecvState.DONE)
         t.t_done = time.monotonic()
-        self.completed.append(t)
+        self.busy.add(t.t_first or t.t_done, t.t_done)
         for address in t.sources:
             link = self._links.get(address)
             if link is not None and link.peer is not None:

@@ -20,6 +20,8 @@ from llumnix_kv_core.agent.layers import LayerEntry
 from llumnix_kv_core.agent.layers import LayerTable
 from llumnix_kv_core.agent.layers import remote_layers
 from llumnix_kv_core.agent.planner import Planner
+from llumnix_kv_core.agent.records import RecordLog
+from llumnix_kv_core.agent.records import TransferRecord
 from llumnix_kv_core.agent.send_book import Attachment
 from llumnix_kv_core.agent.send_book import ReceiverPeer
 from llumnix_kv_core.agent.send_book import SendBook
@@ -53,6 +55,7 @@ class KVSender:
         self.timeout_s = timeout_s
         self.tp_rank, self.tp_size = tp_rank, tp_size
         self._book = book = SendBook(timeout_s, tp_rank, tp_size)
+        self.records = RecordLog()
         self._lock = book.lock
         self._transfers = book.transfers  # the book's tables, guarded by its lock
         self._pending_pulls = book.pending_pulls
@@ -159,6 +162,8 @@ class KVSender:
                 if t.sealed and is_final(t.state) and t.outstanding == 0:
                     released.add(t.tid)
                     del self._transfers[t.tid]
+                    took = (t.t_done or time.monotonic()) - t.t_attach if t.t_attach else 0.0
+                    self.records.add(TransferRecord("send", t.tid, t.state.value, t.nbytes, took))
             out = set(released)
             released.clear()
             return out

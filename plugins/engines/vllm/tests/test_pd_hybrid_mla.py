@@ -102,8 +102,11 @@ def cluster(request, tmp_path_factory: pytest.TempPathFactory):
 
     model = write_model(tmp_path_factory.mktemp("model") / request.param, CONFIGS[request.param])
     port = free_port()
-    p = EngineProcess("prefill", model, kv_config("kv_producer", port=port))
-    d = EngineProcess("decode", model, kv_config("kv_consumer"))
+    # bf16: vLLM's CPU GDN kernel requires it, and the tiny random MLA model overflows in fp16. On AMX CPUs
+    # Qwen3-Next's attention (256-token blocks) runs the AMX kernel that faults after connector loads of the
+    # Llama model (see the harness); here it has not.
+    p = EngineProcess("prefill", model, kv_config("kv_producer", port=port), dtype="bfloat16")
+    d = EngineProcess("decode", model, kv_config("kv_consumer"), dtype="bfloat16")
     for e in (p, d):
         e.wait_ready()
     c = PDCluster(p, d, p, f"127.0.0.1:{port}")

@@ -75,14 +75,14 @@ def test_mismatched_decode_instance_is_refused_with_both_values(cluster, model) 
     kv = kv_config("kv_consumer")
     kv["kv_load_failure_policy"] = "recompute"
     prompt = [9] * 200
-    with EngineProcess("decode-fp16", model, kv, dtype="float16") as d16:
-        d16.wait_ready()
+    with EngineProcess("decode-bf16", model, kv, dtype="bfloat16") as d_bf16:
+        d_bf16.wait_ready()
         (p,) = cluster.prefill.generate([prompt], [prefill_params()], max_tokens=1)
-        (out,) = d16.generate([prompt], [p.kv_transfer_params], max_tokens=4)
-        (ref,) = d16.generate([prompt], max_tokens=4)
-        errors = d16.call("stats")["errors"]
-    # The load was refused, vLLM recomputed the prompt locally, and the output is the fp16 engine's own.
+        (out,) = d_bf16.generate([prompt], [p.kv_transfer_params], max_tokens=4)
+        (ref,) = d_bf16.generate([prompt], max_tokens=4)
+        errors = d_bf16.call("stats")["errors"]
+    # The load was refused, vLLM recomputed the prompt locally, and the output is the bf16 engine's own.
     assert out.token_ids == ref.token_ids
-    assert any("dtype: sender='torch.bfloat16' receiver='torch.float16'" in why for _, why in errors), errors
+    assert any("dtype: sender='torch.float16' receiver='torch.bfloat16'" in why for _, why in errors), errors
     # P released the refused transfer's blocks instead of holding them until the lease ends.
     assert cluster.prefill.call("drain", 10.0)["used_blocks"] == 0
