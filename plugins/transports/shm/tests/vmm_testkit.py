@@ -30,7 +30,7 @@ BLOCKS = 128  # 2 MiB per layer: one granule
 def initial_layers(seed: int, blocks: int = BLOCKS) -> list[np.ndarray]:
     """The contents a cache of ``seed`` starts with: one ``[blocks, PAGE]`` uint8 array per layer."""
     rng = np.random.default_rng(seed)
-    return [rng.integers(0, 256, (blocks, PAGE), dtype=np.uint8) for _ in range(LAYERS)]
+    return [np.frombuffer(bytearray(rng.bytes(blocks * PAGE)), np.uint8).reshape(blocks, PAGE) for _ in range(LAYERS)]
 
 
 class RawCache:
