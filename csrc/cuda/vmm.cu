@@ -104,7 +104,12 @@ std::string describe(const Driver& d, CUresult r) {
   return std::string(name) + " " + std::to_string(static_cast<int>(r)) + " (" + text + ")";
 }
 
+// A failed driver call can leave its error in the runtime's per-thread state, where the next,
+// unrelated runtime call (a kernel launch checking cudaGetLastError) would find it: clear it.
+void clear_runtime_error() { cudaGetLastError(); }
+
 [[noreturn]] void throw_cu(const Driver& d, CUresult r, const std::string& call, const std::string& fix) {
+  clear_runtime_error();
   throw CudaError(static_cast<int>(r), call + " failed: " + describe(d, r) + (fix.empty() ? "" : ": " + fix));
 }
 
@@ -225,6 +230,7 @@ bool is_vmm(std::uintptr_t ptr) {
   CUresult r = d.retain(&h, reinterpret_cast<void*>(ptr));
   if (r != CUDA_SUCCESS) {
     if (driver_unusable(r)) throw_cu(d, r, "cuMemRetainAllocationHandle", "");
+    clear_runtime_error();
     return false;  // not mapped by cuMemMap: cudaMalloc, host or unknown memory
   }
   check(d, d.release(h), "cuMemRelease");
@@ -247,6 +253,7 @@ VmmExport vmm_export_fd(std::uintptr_t ptr) {
   CUmemGenericAllocationHandle h = 0;
   CUresult r = d.retain(&h, reinterpret_cast<void*>(base));
   if (r != CUDA_SUCCESS && !driver_unusable(r)) {
+    clear_runtime_error();
     throw CudaError(static_cast<int>(r),
                     "GPU memory at " + hex(ptr) + " is not a virtual-memory (cuMemCreate/cuMemMap) allocation "
                     "(cuMemRetainAllocationHandle: " + describe(d, r) + "), so it has no shareable handle: export "
@@ -260,6 +267,7 @@ VmmExport vmm_export_fd(std::uintptr_t ptr) {
     unsigned long long allowed = 0;  // a CUmemAllocationHandleType bitmask
     CUresult q = d.pointer_attribute(&allowed, CU_POINTER_ATTRIBUTE_ALLOWED_HANDLE_TYPES, base);
     if (q == CUDA_SUCCESS && (allowed & CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR) == 0) {
+      clear_runtime_error();
       throw CudaError(static_cast<int>(r),
                       "GPU memory at " + hex(ptr) + " is a virtual-memory allocation created without "
                       "CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR in its requestedHandleTypes, so no other process "

@@ -110,19 +110,29 @@ def test_alloc_export_import_in_one_process_is_byte_exact(cu):
         cu.vmm_free(ptr)
 
 
+def _no_error_left(cu) -> None:
+    """A kernel launch checks cudaGetLastError: it fails on an error a previous call left behind."""
+    cu.spin(1000, 1, 0)
+    cu.synchronize(0)
+
+
 @pytest.mark.gpu
 def test_plain_memory_is_not_vmm_and_failures_leave_no_sticky_error(cu):
     plain = cu.malloc(1 << 20)
     closed = cu.vmm_alloc(0, 1 << 20, exportable=False)
     try:
         assert not cu.is_vmm(plain)
+        _no_error_left(cu)
         assert cu.is_vmm(closed)
         host = np.zeros(16, np.uint8)
         assert not cu.is_vmm(host.ctypes.data)
+        _no_error_left(cu)
         with pytest.raises(RuntimeError, match=r"not a virtual-memory .* legacy CUDA IPC"):
             cu.vmm_export_fd(plain)
+        _no_error_left(cu)
         with pytest.raises(RuntimeError, match=r"without CU_MEM_HANDLE_TYPE_POSIX_FILE_DESCRIPTOR .* exports_fd"):
             cu.vmm_export_fd(closed)
+        _no_error_left(cu)
         r, w = os.pipe()  # a descriptor, but not of an exported allocation
         try:
             with pytest.raises(RuntimeError, match="cuMemImportFromShareableHandle failed: CUDA_ERROR"):
@@ -130,11 +140,10 @@ def test_plain_memory_is_not_vmm_and_failures_leave_no_sticky_error(cu):
         finally:
             os.close(r)
             os.close(w)
+        _no_error_left(cu)
         with pytest.raises(ValueError, match="the pointer vmm_alloc returned"):
             cu.vmm_free(closed + 4096)
-        # A kernel launch checks cudaGetLastError: it would fail on an error left behind above.
-        cu.spin(1000, 1, 0)
-        cu.synchronize(0)
+        _no_error_left(cu)
         cu.memset(plain, 1, 1 << 20)
         assert int(_download(cu, plain, 1 << 20).sum()) == 1 << 20
     finally:
