@@ -101,6 +101,7 @@ PYBIND11_MODULE(_native_cuda, m) {
 
   m.def("malloc", &kc::malloc_device, nogil(), py::arg("nbytes"));
   m.def("free", &kc::free_device, nogil(), py::arg("ptr"));
+  m.def("mem_get_info", &kc::mem_get_info, nogil(), "(free, total) bytes of the current device.");
   m.def("malloc_host", &kc::malloc_host, nogil(), py::arg("nbytes"),
         "Pinned (page-locked, mapped, portable) host memory.");
   m.def("free_host", &kc::free_host, nogil(), py::arg("ptr"));
@@ -145,6 +146,34 @@ PYBIND11_MODULE(_native_cuda, m) {
       },
       py::arg("handle"));
   m.def("ipc_close_mem_handle", &kc::ipc_close_mem_handle, nogil(), py::arg("ptr"));
+  m.def("is_vmm", &kc::is_vmm, nogil(), py::arg("ptr"),
+        "True when `ptr` lies in virtual memory (cuMemCreate + cuMemMap), which legacy CUDA IPC cannot export.");
+  m.def("vmm_granularity", &kc::vmm_granularity, nogil(), py::arg("device"),
+        "Minimum granularity of exportable virtual-memory allocations on `device`.");
   m.def(
-      "capabilities", [] { return py::make_tuple("cuda_copy", "cuda_ipc", "cuda_copy_ce"); }, "Features this build provides.");
+      "vmm_export_fd",
+      [](std::uintptr_t p) {
+        kc::VmmExport e{};
+        {
+          py::gil_scoped_release release;
+          e = kc::vmm_export_fd(p);
+        }
+        return py::make_tuple(e.fd, e.base, e.size);
+      },
+      py::arg("ptr"),
+      "(fd, base, size): the physical allocation mapped at `ptr` exported as a POSIX file descriptor (the\n"
+      "caller closes it), and the start and size of its mapping. Raises naming the cause when the memory is\n"
+      "not virtual memory or was not created exportable.");
+  m.def("vmm_import", &kc::vmm_import, nogil(), py::arg("fd"), py::arg("size"), py::arg("device"),
+        "Import an exported allocation, map it and open it for read/write on `device`; returns the mapped\n"
+        "address. `fd` stays open (the caller closes it); undo with vmm_unmap(ptr, size).");
+  m.def("vmm_unmap", &kc::vmm_unmap, nogil(), py::arg("ptr"), py::arg("size"));
+  m.def("vmm_alloc", &kc::vmm_alloc, nogil(), py::arg("device"), py::arg("size"), py::arg("exportable") = true,
+        "Virtual memory on `device` as vLLM's extensible KV cache makes it: one cuMemCreate allocation\n"
+        "(exportable as a POSIX fd unless `exportable` is False), size rounded up to the granularity, mapped\n"
+        "read/write. Free with vmm_free.");
+  m.def("vmm_free", &kc::vmm_free, nogil(), py::arg("ptr"));
+  m.def(
+      "capabilities", [] { return py::make_tuple("cuda_copy", "cuda_ipc", "cuda_copy_ce", "cuda_vmm"); },
+      "Features this build provides.");
 }

@@ -74,6 +74,12 @@ std::uintptr_t malloc_device(std::size_t nbytes) {
 
 void free_device(std::uintptr_t ptr) { LLUMNIX_CUDA_CHECK(cudaFree(as_ptr(ptr))); }
 
+std::pair<std::size_t, std::size_t> mem_get_info() {
+  std::size_t free = 0, total = 0;
+  LLUMNIX_CUDA_CHECK(cudaMemGetInfo(&free, &total));
+  return {free, total};
+}
+
 std::uintptr_t malloc_host(std::size_t nbytes) {
   void* p = nullptr;
   LLUMNIX_CUDA_CHECK(cudaHostAlloc(&p, nbytes, cudaHostAllocPortable | cudaHostAllocMapped));

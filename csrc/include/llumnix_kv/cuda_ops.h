@@ -41,6 +41,7 @@ void synchronize(std::uintptr_t stream);
 
 std::uintptr_t malloc_device(std::size_t nbytes);
 void free_device(std::uintptr_t ptr);
+std::pair<std::size_t, std::size_t> mem_get_info();  // (free, total) bytes of the current device
 std::uintptr_t malloc_host(std::size_t nbytes);
 void free_host(std::uintptr_t ptr);
 void memcpy_htod(std::uintptr_t dst, std::uintptr_t src_host, std::size_t nbytes);
@@ -76,6 +77,23 @@ float event_elapsed_ms(std::uintptr_t start, std::uintptr_t end);
 void spin(std::uint64_t nanoseconds, unsigned ctas, std::uintptr_t stream);
 int sm_count_of(int device);
 std::string device_name(int device);
+
+// Virtual-memory (cuMemCreate/cuMemMap) allocations, through the driver entry points the runtime
+// hands out (the module never links libcuda).
+struct VmmExport {
+  int fd;               // POSIX file descriptor of the physical allocation; the caller closes it
+  std::uintptr_t base;  // start of the mapping that holds the exported pointer
+  std::size_t size;     // bytes of that mapping (the allocation's size)
+};
+bool is_vmm(std::uintptr_t ptr);  // ptr lies in memory mapped by cuMemMap
+std::size_t vmm_granularity(int device);
+VmmExport vmm_export_fd(std::uintptr_t ptr);
+// Imports, reserves, maps and opens for read/write on `device`; does not close `fd`.
+std::uintptr_t vmm_import(int fd, std::size_t size, int device);
+void vmm_unmap(std::uintptr_t ptr, std::size_t size);
+// Exportable (POSIX fd) unless `exportable` is false; size rounded up to the granularity.
+std::uintptr_t vmm_alloc(int device, std::size_t size, bool exportable);
+void vmm_free(std::uintptr_t ptr);
 
 // Drops the cached descriptor buffers of `stream` (called by stream_destroy).
 void release_stream_cache(std::uintptr_t stream);

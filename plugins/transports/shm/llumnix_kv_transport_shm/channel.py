@@ -6,7 +6,8 @@ paths' messages); they never reach the frame handler, and nothing else may prece
 handshake. A DATA frame's header flag says which data path carries its payload (see
 :mod:`llumnix_kv_transport_shm.paths`):
 
-* GPU destinations: the direct path, through CUDA IPC (``F_IPC``);
+* GPU destinations: the direct path, through CUDA IPC (``F_IPC``): the peer's exported virtual
+  memory, mapped at handshake, or its legacy IPC handles (:mod:`llumnix_kv_transport_shm.export`);
 * host destinations: the direct path through cross-memory attach (``F_CMA``) where the
   handshake found that this process may write the peer's memory (``host_path`` ``auto`` or
   ``cma``), else the ring (``F_RING``); frames without payload always take the ring (no fence).
@@ -45,10 +46,13 @@ from llumnix_kv_core.streams.channel import StreamChannel
 from llumnix_kv_core.wire import Kind
 from llumnix_kv_transport_shm.direct import DirectPath
 from llumnix_kv_transport_shm.direct import cma_unreachable
+from llumnix_kv_transport_shm.export import ExportedRegions
+from llumnix_kv_transport_shm.export import export_regions
+from llumnix_kv_transport_shm.fd_channel import FdOffer
 from llumnix_kv_transport_shm.ipc import IpcMappings
 from llumnix_kv_transport_shm.ipc import PeerTable
 from llumnix_kv_transport_shm.ipc import device_index
-from llumnix_kv_transport_shm.ipc import export_regions
+from llumnix_kv_transport_shm.ipc import local_gpu_devices
 from llumnix_kv_transport_shm.local import ShmOptions
 from llumnix_kv_transport_shm.local import host_identity
 from llumnix_kv_transport_shm.paths import F_CMA
@@ -60,6 +64,7 @@ from llumnix_kv_transport_shm.paths import Outgoing
 from llumnix_kv_transport_shm.ring import ShmRing
 from llumnix_kv_transport_shm.ring import payload_starts
 from llumnix_kv_transport_shm.ring_path import RingPath
+from llumnix_kv_transport_shm.vmm import VmmMappings
 
 
 def _message(op: str, fields: dict[str, Any]) -> bytes:
@@ -94,8 +99,10 @@ class ShmChannel(StreamChannel):
         self._options = options
         self._peer: PeerTable | None = None
         self._pending: Incoming | None = None  # the DATA frame being received
+        self._vmm = VmmMappings()  # the peer's exported GPU memory, mapped for this channel
+        self._offer: FdOffer | None = None  # our exported GPU memory, until the peer took it
         self._ring = RingPath(self, options)
-        self._direct = DirectPath(self, memory, options, mappings)
+        self._direct = DirectPath(self, memory, options, mappings, self._vmm)
         self._paths: dict[int, DataPath] = {F_RING: self._ring, F_CMA: self._direct, F_IPC: self._direct}
         self._routes: dict[str, DataPath] = {op: p for p in (self._ring, self._direct) for op in p.ops}
         self._host: DataPath = self._ring  # how host-memory payloads go, chosen at handshake
@@ -117,23 +124,37 @@ class ShmChannel(StreamChannel):
 
     # -- handshake ---------------------------------------------------------------------------
     def handshake(self, timeout_s: float) -> None:
-        """Connecting side, before ``start``: exchange host identity and region tables."""
-        self.post("hello", host=host_identity(), pid=os.getpid(), regions=export_regions(self._memory))
-        self._sock.settimeout(timeout_s)
+        """Connecting side, before ``start``: exchange host identity and region tables.
+
+        Exported virtual GPU memory travels as file descriptors: each side offers its own on a
+        descriptor socket named in its message, and the other takes them before it answers (the
+        listener) or once the answer came (this side). On failure the caller releases what this
+        channel mapped (:meth:`release_gpu_mappings`).
+        """
+        exported = export_regions(self._memory)
+        offer = FdOffer(exported.fds, timeout_s) if exported.fds else None  # owns the descriptors now
         try:
-            h = wire.unpack_header(self._read_exact(wire.HEADER_SIZE))
-            body = wire.decode_body(bytes(self._read_exact(h.body_len))) if h.body_len else {}
-        except (PeerClosed, OSError, FrameError) as exc:
-            msg = (f"shm peer {self.peer_name} did not complete the handshake within {timeout_s:g} s ({exc}); "
-                   "check that an shm transport listens there")
-            raise TransferError(msg) from exc
+            self.post("hello", host=host_identity(), pid=os.getpid(), **self._announce(exported, offer))
+            self._sock.settimeout(timeout_s)
+            try:
+                h = wire.unpack_header(self._read_exact(wire.HEADER_SIZE))
+                body = wire.decode_body(bytes(self._read_exact(h.body_len))) if h.body_len else {}
+            except (PeerClosed, OSError, FrameError) as exc:
+                msg = (f"shm peer {self.peer_name} did not complete the handshake within {timeout_s:g} s ({exc}); "
+                       "check that an shm transport listens there")
+                raise TransferError(msg) from exc
+        finally:
+            if offer is not None:
+                offer.close()  # the listener took the descriptors before it answered
         if h.kind != Kind.TRANSPORT or body.get("op") not in ("hello_ok", "refuse"):
             msg = f"shm peer {self.peer_name} answered the handshake with {h.kind.name}: it is not an shm listener"
             raise TransferError(msg)
         if body["op"] == "refuse":
             msg = f"shm peer {self.peer_name} refused the connection: {body.get('error')}"
             raise TransferError(msg)
-        self._met(PeerTable.parse(body.get("regions", []), int(body.get("pid", -1))))
+        peer = PeerTable.from_hello(body)
+        self._vmm.import_peer(peer, local_gpu_devices(self._memory), timeout_s)
+        self._met(peer)
         self._sock.settimeout(self._io_timeout)
 
     def _on_hello(self, body: dict[str, Any]) -> None:
@@ -147,18 +168,37 @@ class ShmChannel(StreamChannel):
                    "host only; use the tcp transport between hosts")
             self.reply("refuse", error=why)
             raise PeerRefused(why)
-        peer = PeerTable.parse(body.get("regions", []), int(body.get("pid", -1)))
+        peer = PeerTable.from_hello(body)
         try:
-            regions = export_regions(self._memory)
+            self._vmm.import_peer(peer, local_gpu_devices(self._memory), self._io_timeout)
+            exported = export_regions(self._memory)
         except TransferError as exc:
             self.reply("refuse", error=str(exc))
             raise PeerRefused(str(exc)) from exc
+        if exported.fds:  # served to the connecting side once it has our answer; closed at the latest on exit
+            self._offer = FdOffer(exported.fds, self._io_timeout, peer.pid)
         self._met(peer)
-        self.reply("hello_ok", host=mine, pid=os.getpid(), regions=regions)
+        self.reply("hello_ok", host=mine, pid=os.getpid(), **self._announce(exported, self._offer))
+
+    @staticmethod
+    def _announce(exported: ExportedRegions, offer: FdOffer | None) -> dict[str, Any]:
+        fields: dict[str, Any] = {"regions": exported.entries}
+        if offer is not None:
+            fields.update(allocations=exported.sizes, fd_socket=offer.name)
+        return fields
+
+    def release_gpu_mappings(self) -> None:
+        """Unmap the peer's exported GPU memory and stop offering ours (a channel that will not start)."""
+        if self._offer is not None:
+            self._offer.close()
+        self._vmm.close()
 
     def _met(self, peer: PeerTable) -> None:
         """The handshake is done: choose the host-memory path to this peer (probed once)."""
         self._peer = peer
+        gpu_paths = peer.gpu_paths()
+        if gpu_paths:
+            self.log.info("shm channel %s: GPU memory through %s", self.peer_name, " and ".join(gpu_paths))
         path = self._options.host_path
         if path == "ring" or not peer.host_addresses().any():
             return
@@ -299,6 +339,8 @@ class ShmChannel(StreamChannel):
                 "announced at handshake. The connection is closed.")
 
     def _release(self) -> None:
+        if self._offer is not None:
+            self._offer.close()
         for path in (self._ring, self._direct):
             path.close_receiving()
         # A sender may still be inside a copy into the ring or a kernel launch: wait for it.
@@ -309,6 +351,7 @@ class ShmChannel(StreamChannel):
         try:
             for path in (self._ring, self._direct):
                 path.close_sending()
+            self._vmm.close()
         except Exception:
             self.log.exception("shm channel %s: releasing GPU resources failed", self.peer_name)
         finally:

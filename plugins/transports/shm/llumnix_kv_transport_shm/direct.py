@@ -2,7 +2,8 @@
 
 Host memory moves in one copy by the kernel (Linux cross-memory attach, ``process_vm_writev``,
 the native ``cma_copy`` split over threads); GPU memory by one gather/scatter kernel through
-this process's CUDA IPC mapping of the receiver's memory (:mod:`llumnix_kv_transport_shm.gpu`).
+this process's mapping of the receiver's memory (exported virtual memory or a legacy CUDA IPC
+handle; :mod:`llumnix_kv_transport_shm.gpu`).
 
 Since the receiver does not write, it fences the frame with two messages (TRANSPORT frames):
 the header and table arrive first, the receiver checks them and answers ``go`` (``ok``: accepted,
@@ -30,6 +31,7 @@ from llumnix_kv_transport_shm.paths import F_IPC
 from llumnix_kv_transport_shm.paths import Incoming
 from llumnix_kv_transport_shm.paths import Link
 from llumnix_kv_transport_shm.paths import Outgoing
+from llumnix_kv_transport_shm.vmm import VmmMappings
 
 
 def cma_unreachable(peer: PeerTable) -> str | None:
@@ -65,12 +67,13 @@ class DirectPath:
 
     ops = frozenset({"go", "end"})
 
-    def __init__(self, link: Link, memory: MemoryRegistry, options: ShmOptions, mappings: IpcMappings) -> None:
+    def __init__(self, link: Link, memory: MemoryRegistry, options: ShmOptions, ipc: IpcMappings,
+                 vmm: VmmMappings) -> None:
         self._link = link
         self._memory = memory
         self._options = options
         self._go: bool | None = None  # the receiver's answer to the frame being sent
-        self._gpu = GpuWriter(link, mappings)
+        self._gpu = GpuWriter(link, ipc, vmm)
 
     # -- sending -----------------------------------------------------------------------------
     def send(self, out: Outgoing) -> int:

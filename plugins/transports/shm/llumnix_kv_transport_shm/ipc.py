@@ -1,4 +1,4 @@
-"""CUDA IPC: exporting registered GPU regions, opening a peer's once, and checking local sources."""
+"""The peer's region table, legacy CUDA IPC mappings of its memory, and checks of local GPU sources."""
 
 from __future__ import annotations
 
@@ -24,7 +24,8 @@ def device_index(device: str) -> int | None:
     return int(idx) if idx else 0
 
 
-def _cuda() -> Any:
+def cuda_core() -> Any:
+    """The CUDA core; TransferError naming why it is unusable."""
     try:
         return native.cuda()
     except NativeUnavailableError as exc:
@@ -32,40 +33,28 @@ def _cuda() -> Any:
         raise TransferError(msg) from exc
 
 
-def export_regions(memory: MemoryRegistry) -> list[dict[str, Any]]:
-    """The region table sent at handshake: sizes and kinds, plus an IPC handle per GPU region."""
-    out: list[dict[str, Any]] = []
-    handles: dict[int, str] = {}
-    for r in memory.regions():
-        entry: dict[str, Any] = {"region": r.region_id, "device": r.device, "nbytes": r.nbytes, "addr": r.addr}
-        dev = device_index(r.device)
-        if dev is not None:
-            cuda = _cuda()
-            cuda.set_device(dev)
-            base, _size = cuda.mem_get_address_range(r.addr)
-            if base not in handles:
-                try:
-                    handles[base] = cuda.ipc_get_mem_handle(base).hex()
-                except RuntimeError as exc:
-                    msg = (
-                        f"cannot export GPU region {r.region_id} ({r.device}) through CUDA IPC: {exc}. Memory from "
-                        "cudaMalloc (PyTorch's default allocator) exports; virtual-memory allocations do not: run "
-                        "with PYTORCH_CUDA_ALLOC_CONF=expandable_segments:False"
-                    )
-                    raise TransferError(msg) from exc
-            entry.update(handle=handles[base], offset=r.addr - base)
-        out.append(entry)
-    return out
-
-
 @dataclass
 class PeerTable:
-    """A peer's regions as arrays indexed by region id (kind 0: unknown, 1: host, 2: GPU)."""
+    """A peer's regions as arrays indexed by region id (kind 0: unknown, 1: host, 2: GPU).
+
+    ``allocations`` are the sizes of the virtual-memory allocations it exported (a GPU entry's
+    ``vmm`` indexes them) and ``fd_socket`` names the socket that hands out their descriptors.
+    """
 
     kind: np.ndarray
     nbytes: np.ndarray
     entries: dict[int, dict[str, Any]]
     pid: int
+    allocations: tuple[int, ...] = ()
+    fd_socket: str = ""
+
+    @classmethod
+    def from_hello(cls, body: dict[str, Any]) -> PeerTable:
+        """The table of a ``hello`` or ``hello_ok`` message."""
+        table = cls.parse(body.get("regions", []), int(body.get("pid", -1)))
+        table.allocations = tuple(int(s) for s in body.get("allocations", ()))
+        table.fd_socket = str(body.get("fd_socket", ""))
+        return table
 
     @classmethod
     def parse(cls, regions: list[dict[str, Any]], pid: int) -> PeerTable:
@@ -88,6 +77,18 @@ class PeerTable:
                 out[rid] = int(e["addr"])
         return out
 
+    def gpu_paths(self) -> list[str]:
+        """How this process reaches the peer's GPU regions, as the log names it."""
+        if self.pid == os.getpid():
+            return ["pointers of this process"] if (self.kind == 2).any() else []
+        gpu = [e for rid, e in self.entries.items() if self.kind[rid] == 2]
+        paths = []
+        if any("vmm" in e for e in gpu):
+            paths.append("exported VMM handles")
+        if any("handle" in e for e in gpu):
+            paths.append("legacy CUDA IPC")
+        return paths
+
     def kinds_of(self, regions: np.ndarray) -> np.ndarray:
         out = np.zeros(len(regions), dtype=np.uint8)
         known = regions < len(self.kind)
@@ -107,7 +108,7 @@ class IpcMappings:
         with self._lock:
             base = self._open.get(key)
             if base is None:
-                cuda = _cuda()
+                cuda = cuda_core()
                 cuda.set_device(device)
                 try:
                     base = cuda.ipc_open_mem_handle(bytes.fromhex(handle))
@@ -125,28 +126,15 @@ class IpcMappings:
         with self._lock:
             opened, self._open = self._open, {}
         if opened:
-            cuda = _cuda()
+            cuda = cuda_core()
             for (_handle, device), base in opened.items():
                 cuda.set_device(device)
                 cuda.ipc_close_mem_handle(base)
 
 
-def peer_addresses(table: PeerTable, mappings: IpcMappings, device: int) -> np.ndarray:
-    """Base address, in this process, of every GPU region of the peer (0 for others)."""
-    bases = np.zeros(len(table.kind), dtype=np.uint64)
-    for rid, e in table.entries.items():
-        if table.kind[rid] != 2:
-            continue
-        if table.pid == os.getpid():  # same process: CUDA refuses to open our own handle, use the pointer
-            peer_device = device_index(str(e["device"]))
-            if peer_device is not None and peer_device != device:
-                cuda = _cuda()
-                cuda.set_device(device)
-                cuda.device_enable_peer_access(peer_device)
-            bases[rid] = int(e["addr"])
-        else:
-            bases[rid] = mappings.base_of(str(e["handle"]), device) + int(e["offset"])
-    return bases
+def local_gpu_devices(memory: MemoryRegistry) -> list[int]:
+    """The devices of this side's registered GPU memory (where a GPU frame's sources can lie)."""
+    return sorted({d for r in memory.regions() if (d := device_index(r.device)) is not None})
 
 
 def local_gpu_sources(memory: MemoryRegistry, src: np.ndarray, lengths: np.ndarray) -> int:

@@ -26,10 +26,13 @@ def llumnix_kv_register_transports() -> list[TransportProvider]:
             "shm",
             _factory,
             description="processes of one host: host memory through a shared-memory ring, GPU memory through "
-            "CUDA IPC and one gather/scatter kernel per frame",
+            "CUDA IPC (exported virtual-memory handles, or legacy handles for cudaMalloc memory) and one "
+            "gather/scatter kernel per frame",
             memory_kinds=("cpu", "cuda"),
             remote=False,
-            device_access=("legacy_ipc",),
+            # Both paths work, but vLLM 0.34 refuses "legacy_ipc" together with "exports_fd" (legacy IPC
+            # switches its extensible cache off, which "exports_fd" needs): declare what its cache needs.
+            device_access=("exports_fd",),
             commands=(PluginCommand("bench", "host-memory rates between two processes; --gpu: GPU0 -> GPU1, "
                                     "GPU <-> pinned host, layer-wise", "llumnix_kv_transport_shm.bench:main"),),
         )

@@ -1,9 +1,10 @@
-"""The shm transport: a loopback listener, peers of several channels, the CUDA IPC mappings they share."""
+"""The shm transport: a loopback listener, peers of several channels, the legacy CUDA IPC mappings they share."""
 
 from __future__ import annotations
 
 import logging
 import socket
+import threading
 
 from llumnix_kv_core.interfaces.transport import FrameHandler
 from llumnix_kv_core.interfaces.transport import TransportConfig
@@ -40,6 +41,20 @@ class ShmTransport(StreamTransport):
         super().__init__(config)
         self.options = ShmOptions.from_extra(config.extra)
         self.mappings = IpcMappings()
+        self._opening = threading.local()  # the channels the running ``connect`` of this thread opened
+
+    def connect(self, address: str, handler: FrameHandler, memory: MemoryRegistry) -> StreamPeer:
+        """As the stream transport's; when it fails, its channels (never started) release their GPU mappings."""
+        opened: list[ShmChannel] = []
+        self._opening.channels = opened
+        try:
+            return super().connect(address, handler, memory)
+        except BaseException:
+            for ch in opened:
+                ch.release_gpu_mappings()
+            raise
+        finally:
+            del self._opening.channels
 
     def _channel(self, sock: socket.socket, peer_name: str, handler: FrameHandler,
                  memory: MemoryRegistry) -> ShmChannel:
@@ -51,6 +66,7 @@ class ShmTransport(StreamTransport):
 
     def _connected(self, ch: StreamChannel) -> None:
         assert isinstance(ch, ShmChannel)
+        self._opening.channels.append(ch)
         ch.handshake(self.config.connect_timeout_s)
 
     def _release(self) -> None:

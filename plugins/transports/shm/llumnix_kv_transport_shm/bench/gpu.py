@@ -32,7 +32,7 @@ from llumnix_kv_core.memory import MemoryRegistry
 from llumnix_kv_core.wire import Kind
 from llumnix_kv_core.wire import new_transfer_id
 from llumnix_kv_transport_shm.bench import layerwise
-from llumnix_kv_transport_shm.ipc import export_regions
+from llumnix_kv_transport_shm.export import export_regions
 
 GOAL_P2P = 0.90  # at 16 KiB and 64 KiB blocks
 
@@ -56,7 +56,7 @@ def _receiver_main(q_in: Any, q_out: Any, pool_bytes: int) -> None:
         transport = get_registry().transport("shm").factory(_config())
         peer = transport.connect(q_in.get(timeout=WAIT_S), handler, memory)
         peer.channels[0].send_control(Kind.HELLO, bytes(16), {})
-        q_out.put(("ready", export_regions(memory)))
+        q_out.put(("ready", export_regions(memory).entries))  # cudaMalloc: legacy handles, no descriptors
         q_in.get(timeout=3600)
         q_out.put(("done", handler.frames))
         transport.close()
