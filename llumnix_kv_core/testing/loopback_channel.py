@@ -163,8 +163,10 @@ class LoopbackChannel(Channel):
         if err is None:
             if self.closed:
                 raise self._closed_error()
-            err = TransferError(f"sending to {NAME} peer {self.peer_name} failed: the peer closed the connection; "
-                                "reconnect")
+            # As with a stream socket the peer closed: this send fails, but frames the peer sent before
+            # closing are still delivered here, up to its end-of-stream.
+            msg = f"sending to {NAME} peer {self.peer_name} failed: the peer closed the connection; reconnect"
+            raise TransferError(msg)
         self._fail(err)
         raise err
 

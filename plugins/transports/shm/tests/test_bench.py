@@ -44,7 +44,7 @@ def test_host_bench_writes_the_table_and_json(tmp_path: Path):
     out = tmp_path / "results" / "cpu-shm.json"
     proc = subprocess.run([sys.executable, "-m", "llumnix_kv_core", "bench", "--transport", "shm", "--block-sizes",
                            "16384,65536", "--host-total-mib", "4", "--repeat", "2", "--json", str(out)],
-                          capture_output=True, text=True, timeout=180)
+                          capture_output=True, text=True, timeout=180, cwd=tmp_path)  # the installed package
     assert proc.returncode == 0, proc.stdout + proc.stderr
     lines = proc.stdout.splitlines()
     assert lines[0].split() == HEADER

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
-import queue
 import secrets
 import socket
 import threading
@@ -15,6 +14,8 @@ from llumnix_kv_transport_shm.fd_channel import FDS_PER_MESSAGE
 from llumnix_kv_transport_shm.fd_channel import FdOffer
 from llumnix_kv_transport_shm.fd_channel import peer_credentials
 from llumnix_kv_transport_shm.fd_channel import receive_fds
+from shm_testkit import child_message
+from shm_testkit import reap
 
 from llumnix_kv_core.errors import TransferError
 
@@ -23,22 +24,8 @@ WAIT_S = 30.0
 NOBODY = 65534
 
 
-def _get(q, what: str):
-    try:
-        msg = q.get(timeout=WAIT_S)
-    except queue.Empty:
-        pytest.fail(f"no {what} message within {WAIT_S} s")
-    if msg[0] == "error":
-        pytest.fail(f"child process failed:\n{msg[1]}")
-    return msg
 
 
-def _reap(*procs) -> None:
-    for p in procs:
-        p.join(10)
-        if p.is_alive():
-            p.kill()
-            p.join(5)
 
 
 @pytest.fixture
@@ -75,7 +62,7 @@ def test_descriptors_cross_processes_and_the_offer_cleans_up(memfd_name):
     p = CTX.Process(target=fd_testkit.offer_main, args=(q, memfd_name, contents, 20.0), daemon=True)
     p.start()
     try:
-        _, name, pid = _get(q, "offer")
+        _, name, pid = child_message(q, "offer", WAIT_S)
         assert pid == p.pid
         with pytest.raises(TransferError, match=f"belongs to pid {pid}, not to the peer"):
             receive_fds(name, len(contents), pid + 1, timeout_s=5.0)
@@ -86,11 +73,11 @@ def test_descriptors_cross_processes_and_the_offer_cleans_up(memfd_name):
         finally:
             for fd in fds:
                 os.close(fd)
-        _, served, still_open = _get(q, "served")
+        _, served, still_open = child_message(q, "served", WAIT_S)
         assert served
         assert still_open == 0, "the offering process kept descriptors open after handing them over"
     finally:
-        _reap(p)
+        reap(p)
 
 
 def test_an_offer_bound_to_a_pid_refuses_other_processes(memfd_name):
@@ -111,11 +98,11 @@ def test_an_offer_bound_to_a_pid_refuses_other_processes(memfd_name):
             data, fds, _, _ = socket.recv_fds(s, 64, 16)
             assert (data, fds) == (b"", [])  # closed without a descriptor
         gate.put(offer.name)
-        assert _get(q, "take") == ("took", contents)
+        assert child_message(q, "take", WAIT_S) == ("took", contents)
         assert offer.served.wait(5.0)
     finally:
         offer.close()
-        _reap(child)
+        reap(child)
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="running a process as another user needs root")
@@ -127,14 +114,14 @@ def test_another_user_is_refused_on_both_ends(memfd_name):
         importer = CTX.Process(target=fd_testkit.take_main, args=(q, offer.name, 1, os.getpid(), NOBODY),
                                daemon=True)
         importer.start()
-        kind, why = _get(q, "take as another user")
-        _reap(importer)
+        kind, why = child_message(q, "take as another user", WAIT_S)
+        reap(importer)
         assert kind == "refused"
         assert f"runs as uid {os.getuid()}, this process as uid {NOBODY}" in why
         raw = CTX.Process(target=fd_testkit.raw_take_main, args=(q, offer.name, NOBODY), daemon=True)
         raw.start()
-        assert _get(q, "raw take") == ("raw", 0, 0)  # the offering side hands nothing to another user
-        _reap(raw)
+        assert child_message(q, "raw take", WAIT_S) == ("raw", 0, 0)  # the offering side hands nothing to another user
+        reap(raw)
         assert not offer.served.is_set()
         fds = receive_fds(offer.name, 1, os.getpid(), timeout_s=5.0)  # still there for its own user
         assert [fd_testkit.read_all(fd) for fd in fds] == contents

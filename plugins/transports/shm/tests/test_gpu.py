@@ -7,11 +7,11 @@ int8 pool, LBNHC and LBHNC) with random data and check every byte. Needs two GPU
 from __future__ import annotations
 
 import multiprocessing as mp
-import queue
 import time
 
 import numpy as np
 import pytest
+from shm_testkit import child_message
 
 from llumnix_kv_core import native
 from llumnix_kv_core import wire
@@ -34,14 +34,6 @@ def torch():
     return torch
 
 
-def _get(q, what: str):
-    try:
-        msg = q.get(timeout=WAIT_S)
-    except queue.Empty:
-        pytest.fail(f"no {what} message within {WAIT_S} s")
-    if msg[0] == "error":
-        pytest.fail(f"receiver process failed:\n{msg[1]}")
-    return msg
 
 
 @pytest.fixture(scope="module", params=["LBNHC", "LBHNC"])
@@ -52,7 +44,7 @@ def remote(request, torch):
     q_in, q_out = CTX.Queue(), CTX.Queue()
     p = CTX.Process(target=gpu_testkit.receiver_main, args=(q_in, q_out, request.param, 99), daemon=True)
     p.start()
-    _get(q_out, "start-up")
+    child_message(q_out, "start-up", WAIT_S)
     yield request.param, q_in, q_out
     q_in.put(("stop",))
     p.join(20)
@@ -84,7 +76,7 @@ def test_two_processes_two_gpus_byte_exact(torch, remote):
             a.sender.open(tid, {0: pb})
             q_in.put(("start", tid, address, db, expected))
             a.sender.complete(tid, {0: n})
-            _, got_tid, equal, mismatched, _ = _get(q_out, "check")
+            _, got_tid, equal, mismatched, _ = child_message(q_out, "check", WAIT_S)
             assert got_tid == tid
             assert equal, f"{layout}: layers differ after the transfer: {mismatched}"
             a.sender.seal(tid, True, 5.0)
@@ -134,7 +126,7 @@ def test_layerwise_overlap_with_a_synthetic_forward(torch, remote):
         assert sorted(hook_s)[len(hook_s) // 2] < 0.002, f"the per-layer hook blocked: {hook_s}"
         stream.synchronize()
         t_forward_end = time.monotonic()
-        _, _, equal, mismatched, t_done = _get(q_out, "check")
+        _, _, equal, mismatched, t_done = child_message(q_out, "check", WAIT_S)
         assert equal, f"{layout}: a layer was copied before its writes: {mismatched}"
         forward = t_forward_end - t0
         exposed = t_done - t_forward_end
@@ -191,7 +183,7 @@ def test_cuda_graph_capture_with_event_records_inside(torch, remote):
             for name, ev in zip(cache.names, events):
                 a.sender.layer_ready(tid, name, 0, n, ready_event=ev)
             a.sender.complete(tid, {0: n})
-            _, _, equal, mismatched, _ = _get(q_out, "check")
+            _, _, equal, mismatched, _ = child_message(q_out, "check", WAIT_S)
             assert equal, f"{layout}, replay {round_}: transferred data is not what the replay wrote: {mismatched}"
             a.sender.seal(tid, True, 5.0)
         torch.cuda.synchronize()

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
-import queue
 import time
 
 import gpu_testkit
@@ -17,6 +16,8 @@ import numpy as np
 import pytest
 import vmm_testkit
 from llumnix_kv_transport_shm.fd_channel import receive_fds
+from shm_testkit import child_message
+from shm_testkit import reap
 
 from llumnix_kv_core import native
 from llumnix_kv_core import wire
@@ -33,21 +34,8 @@ VMM_PATH = "GPU memory through exported VMM handles"
 LEGACY_PATH = "GPU memory through legacy CUDA IPC"
 
 
-def _get(q, what: str):
-    try:
-        msg = q.get(timeout=WAIT_S)
-    except queue.Empty:
-        pytest.fail(f"no {what} message within {WAIT_S} s")
-    if msg[0] == "error":
-        pytest.fail(f"child process failed:\n{msg[1]}")
-    return msg
 
 
-def _reap(p) -> None:
-    p.join(20)
-    if p.is_alive():
-        p.kill()
-        p.join(5)
 
 
 @pytest.fixture
@@ -63,7 +51,7 @@ def test_native_export_and_import_across_processes(cu):
     owner = CTX.Process(target=vmm_testkit.owner_main, args=(q_in, q_out, size, 21), daemon=True)
     owner.start()
     try:
-        _, name, pid, at_base, exported = _get(q_out, "offer")
+        _, name, pid, at_base, exported = child_message(q_out, "offer", WAIT_S)
         assert at_base
         assert exported == size
         (fd,) = receive_fds(name, 1, pid, timeout_s=10.0)
@@ -79,11 +67,12 @@ def test_native_export_and_import_across_processes(cu):
             cu.memset(ptr + 4096, 0x5A, 65536)
             cu.synchronize(0)
             q_in.put((4096, 65536, 0x5A))
-            assert _get(q_out, "seen") == ("seen", True), "the owner does not see what the importer wrote"
+            seen = child_message(q_out, "seen", WAIT_S)
+            assert seen == ("seen", True), "the owner does not see what the importer wrote"
         finally:
             cu.vmm_unmap(ptr, size)
     finally:
-        _reap(owner)
+        reap(owner)
 
 
 @pytest.mark.parametrize(("src_kind", "dst_kind"), [("vmm", "vmm"), ("vmm", "malloc"), ("malloc", "vmm"),
@@ -100,7 +89,7 @@ def test_receiver_pulls_scattered_blocks_byte_exact(cu, caplog, src_kind, dst_ki
     sender.start()
     cache = a = None
     try:
-        _, address, _pid = _get(q_out, "start-up")
+        _, address, _pid = child_message(q_out, "start-up", WAIT_S)
         cache = vmm_testkit.RawCache(dst_kind, 32)
         a = gpu_testkit.agent(cache, "cuda:0")
         src = vmm_testkit.initial_layers(31)
@@ -111,7 +100,7 @@ def test_receiver_pulls_scattered_blocks_byte_exact(cu, caplog, src_kind, dst_ki
             db = gpu_testkit.random_blocks(rng, n, vmm_testkit.BLOCKS)
             tid = wire.new_transfer_id()
             q_in.put(("offer", tid, pb))
-            _get(q_out, "offered")
+            child_message(q_out, "offered", WAIT_S)
             a.receiver.start(tid, address, {0: db}, {0: 0})
             gpu_testkit.wait_done(a, tid)
             for w, s in zip(want, src):
@@ -120,17 +109,17 @@ def test_receiver_pulls_scattered_blocks_byte_exact(cu, caplog, src_kind, dst_ki
             bad = [i for i, (g, w) in enumerate(zip(got, want)) if not np.array_equal(g, w)]
             assert not bad, f"{src_kind} -> {dst_kind}, {n} blocks: layers {bad} differ"
             q_in.put(("seal", tid))
-            _get(q_out, "sealed")
+            child_message(q_out, "sealed", WAIT_S)
         a.close()
         a = None
         q_in.put(("stop",))
-        _, sender_log = _get(q_out, "stop")
+        _, sender_log = child_message(q_out, "stop", WAIT_S)
     finally:
         if a is not None:
             a.close()
         if cache is not None:
             cache.free()
-        _reap(sender)
+        reap(sender)
     mine = [r.getMessage() for r in caplog.records]
     assert any((VMM_PATH if src_kind == "vmm" else LEGACY_PATH) in m for m in mine), mine
     assert any((VMM_PATH if dst_kind == "vmm" else LEGACY_PATH) in m for m in sender_log), sender_log
@@ -143,7 +132,7 @@ def test_reconnects_leave_no_mapping_behind(cu):
     sender = CTX.Process(target=vmm_testkit.sender_main, args=(q_in, q_out, "vmm", 41, blocks), daemon=True)
     sender.start()
     try:
-        _, address, _pid = _get(q_out, "start-up")
+        _, address, _pid = child_message(q_out, "start-up", WAIT_S)
         baseline, _ = cu.mem_get_info()
         rng = np.random.default_rng(6)
         for round_ in range(3):
@@ -153,11 +142,11 @@ def test_reconnects_leave_no_mapping_behind(cu):
                 pb, db = gpu_testkit.random_blocks(rng, 16, blocks), gpu_testkit.random_blocks(rng, 16, blocks)
                 tid = wire.new_transfer_id()
                 q_in.put(("offer", tid, pb))
-                _get(q_out, "offered")
+                child_message(q_out, "offered", WAIT_S)
                 a.receiver.start(tid, address, {0: db}, {0: 0})
                 gpu_testkit.wait_done(a, tid)
                 q_in.put(("seal", tid))
-                _get(q_out, "sealed")
+                child_message(q_out, "sealed", WAIT_S)
             finally:
                 a.close()
                 cache.free()
@@ -168,9 +157,9 @@ def test_reconnects_leave_no_mapping_behind(cu):
                 f"round {round_}: {(baseline - free) >> 20} MiB still held after D closed and freed its cache: "
                 "P kept D's memory mapped")
         q_in.put(("stop",))
-        _get(q_out, "stop")
+        child_message(q_out, "stop", WAIT_S)
     finally:
-        _reap(sender)
+        reap(sender)
 
 
 # ---------------------------------------------------------------- one process
