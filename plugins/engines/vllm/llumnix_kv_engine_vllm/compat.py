@@ -46,6 +46,17 @@ def resumed_req_ids(cached: CachedRequestData) -> set[str]:
     return set(getattr(cached, "resumed_req_ids", ()) or ())
 
 
+def skips_external_kv(request: Request) -> bool:
+    """Whether vLLM gives ``request`` no KV from a connector (its params skip reading cached KV).
+
+    vLLM 0.32/0.33 set ``request.skip_reading_prefix_cache`` from the sampling params; 0.34 replaced
+    it with the property ``skip_reading_external_kv`` (also true for prompt-scoring requests).
+    """
+    if hasattr(request, "skip_reading_external_kv"):
+        return bool(request.skip_reading_external_kv)
+    return bool(request.skip_reading_prefix_cache)
+
+
 def truncate_prompt(request: Request, tokens: int) -> None:
     """Drop the last ``tokens`` prompt tokens of a request the scheduler has not scheduled yet.
 
