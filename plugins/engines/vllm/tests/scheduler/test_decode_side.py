@@ -109,11 +109,16 @@ def test_failed_load_follows_the_failure_policy(instance, p_params, policy: str)
     assert d.side.tokens_loaded == 100
 
 
-def test_block_level_load_errors_follow_the_failure_policy(instance, p_params) -> None:
-    """vLLM's other failure report, per block: the first invalid block and all after it are recomputed."""
-    d = instance("kv_consumer", failure_policy="recompute")
+@pytest.mark.parametrize("policy", ["fail", "recompute"])
+def test_block_level_load_errors_follow_the_failure_policy(instance, p_params, policy: str) -> None:
+    """vLLM's other failure report, per block: the first invalid block and all after it are lost."""
+    d = instance("kv_consumer", failure_policy=policy)
     load = _load_started(d, "d1", p_params, max_tokens=2)
-    d.step(recving={"d1"}, invalid_blocks={load.blocks[0][3]})
+    step = d.step(recving={"d1"}, invalid_blocks={load.blocks[0][3]})
+    if policy == "fail":
+        assert step.outputs["d1"].finish_reason.name == "ERROR"
+        _drain(d)
+        return
     step = d.step()
     (new,) = step.scheduled.scheduled_new_reqs
     assert new.num_computed_tokens == 3 * 16  # the 3 blocks before the invalid one stay loaded
