@@ -152,6 +152,29 @@ def wait_released(agent: KVAgent, *tids: str, timeout: float = DEADLINE_S) -> No
     wait_for(poll, f"the sender to release {tids}", timeout)
 
 
+def check_prefill_then_decode(make_agent: Callable[..., KVAgent], parser: LayoutParser, connections: int) -> None:
+    """P keeps six blocks, D pulls them into other block ids over ``connections`` connections: byte-exact,
+    P released once after D's ACK, both sides' byte counts equal."""
+    p, d = KVCache(1, parser), KVCache(2, parser, blocks=48)
+    pa = make_agent([p.layout], p.signature(), listen=True, connections=connections)
+    da = make_agent([d.layout], d.signature(), connections=connections)
+    tid = new_transfer_id()
+    pb, db = [3, 4, 5, 9, 17, 30], [0, 1, 40, 41, 7, 12]
+    expected = expected_after(p, pb, d, db)
+    send_all(pa, tid, p, pb)
+    assert pa.sender.poll_released() == set()  # sealed, but nobody has it yet
+    da.receiver.start(tid, pa.address, {0: db}, {0: 0})
+    assert wait_transfer(da, tid) == ("done", "")
+    np.testing.assert_array_equal(d.pool, expected)
+    wait_released(pa, tid)  # after D's ACK
+    total = len(p.names) * len(pb) * p.page_bytes
+    assert pa.stats().bytes_sent == total
+    st = da.stats()
+    assert (st.bytes_received, st.transfers_received) == (total, 1)
+    assert st.receive_seconds > 0
+    assert pa.sender.poll_released() == set()  # reported once
+
+
 def send_all(p_agent: KVAgent, tid: str, cache: KVCache, pb: list[int], lease_s: float = 30.0) -> None:
     """P opens ``tid`` on blocks ``pb``, every layer is ready, complete and sealed."""
     p_agent.sender.open(tid, {0: pb})

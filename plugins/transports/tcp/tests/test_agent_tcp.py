@@ -27,10 +27,9 @@ from llumnix_kv_core.testing.agents import DEADLINE_S
 from llumnix_kv_core.testing.agents import KVCache
 from llumnix_kv_core.testing.agents import agents
 from llumnix_kv_core.testing.agents import check_cancel_fences_memory
+from llumnix_kv_core.testing.agents import check_prefill_then_decode
 from llumnix_kv_core.testing.agents import expected_after
-from llumnix_kv_core.testing.agents import send_all
 from llumnix_kv_core.testing.agents import wait_for
-from llumnix_kv_core.testing.agents import wait_released
 from llumnix_kv_core.testing.agents import wait_transfer
 from llumnix_kv_core.wire import new_transfer_id
 
@@ -52,24 +51,7 @@ def pair(make_agent):
 
 @pytest.mark.parametrize("connections", [1, 2, 4])
 def test_prefill_then_decode(make_agent, connections):
-    p, d = KVCache(1, PARSER), KVCache(2, PARSER, blocks=48)
-    pa = make_agent([p.layout], p.signature(), listen=True, connections=connections)
-    da = make_agent([d.layout], d.signature(), connections=connections)
-    tid = new_transfer_id()
-    pb, db = [3, 4, 5, 9, 17, 30], [0, 1, 40, 41, 7, 12]
-    expected = expected_after(p, pb, d, db)
-    send_all(pa, tid, p, pb)
-    assert pa.sender.poll_released() == set()  # sealed, but nobody has it yet
-    da.receiver.start(tid, pa.address, {0: db}, {0: 0})
-    assert wait_transfer(da, tid) == ("done", "")
-    np.testing.assert_array_equal(d.pool, expected)
-    wait_released(pa, tid)  # after D's ACK
-    total = len(p.names) * len(pb) * p.page_bytes
-    assert pa.stats().bytes_sent == total
-    st = da.stats()
-    assert (st.bytes_received, st.transfers_received) == (total, 1)
-    assert st.receive_seconds > 0
-    assert pa.sender.poll_released() == set()  # reported once
+    check_prefill_then_decode(make_agent, PARSER, connections)
 
 
 class HoldingProxy:
