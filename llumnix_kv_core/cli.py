@@ -30,7 +30,7 @@ def cmd_plugins(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps([r.__dict__ for r in records], indent=1))
     else:
-        rows = [[r.kind, r.name or "-", r.plugin, f"{r.distribution} {r.version}", r.status, r.reason]
+        rows = [[r.kind, r.name or "-", r.plugin, f"{r.distribution} {r.version}", r.status, r.reason or r.summary]
                 for r in records]
         print(_table(rows, ["kind", "name", "plugin", "distribution", "status", "detail"]))
     return 1 if any(r.status == "failed" for r in records) and args.strict else 0

@@ -73,7 +73,8 @@ class PluginRecord:
     distribution: str
     version: str
     status: str  # loaded | unavailable | failed | disabled
-    reason: str = ""
+    reason: str = ""  # why it is not loaded
+    summary: str = ""  # what a provider of this kind offers (transports: memory kinds, reach, device access)
 
 
 class _HookResultError(Exception):
@@ -229,7 +230,9 @@ class Registry:
                                              f"{kind} name {provider.name!r} is already registered by another plugin"))
             return
         status = "loaded" if avail.ok else "unavailable"
-        self.records.append(PluginRecord(plugin, kind, provider.name, *dist, status, avail.reason))
+        summary = getattr(provider, "summary", None)
+        self.records.append(PluginRecord(plugin, kind, provider.name, *dist, status, avail.reason,
+                                         summary() if summary is not None else ""))
         if avail.ok:
             self.providers[kind][provider.name] = provider
 

@@ -108,6 +108,12 @@ class TransportProvider:
     is_available: Callable[[], Availability] = _always
     commands: tuple[PluginCommand, ...] = ()
 
+    def summary(self) -> str:
+        """What ``llumnix-kv plugins`` shows of a loaded transport: the memory it moves and how."""
+        reach = "other hosts" if self.remote else "this host only"
+        access = f"; device memory of peers via {', '.join(self.device_access)}" if self.device_access else ""
+        return f"moves {', '.join(self.memory_kinds)} memory; reaches {reach}{access}"
+
 
 @dataclass(frozen=True)
 class LayoutProvider:

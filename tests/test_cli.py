@@ -35,12 +35,17 @@ def run(args: list[str], *, env: dict[str, str] | None = None, code: str | None 
 def as_json(proc: subprocess.CompletedProcess) -> dict[tuple[str, str], dict]:
     assert proc.returncode == 0, proc.stderr
     rows = json.loads(proc.stdout)
-    assert all(set(r) == {"plugin", "kind", "name", "distribution", "version", "status", "reason"} for r in rows)
+    fields = {"plugin", "kind", "name", "distribution", "version", "status", "reason", "summary"}
+    assert all(set(r) == fields for r in rows)
     return {(r["kind"], r["name"] or r["plugin"]): r for r in rows}
 
 
 def test_plugins_json_lists_first_party():
     rows = as_json(run(["plugins", "--json"]))
+    # Transports say what memory they move, how far, and how peers reach device memory.
+    assert rows[("transport", "shm")]["summary"] == ("moves cpu, cuda memory; reaches this host only; device "
+                                                     "memory of peers via exports_fd")
+    assert rows[("transport", "tcp")]["summary"] == "moves cpu memory; reaches other hosts"
     for key, plugin in FIRST_PARTY.items():
         row = rows[key]
         assert row["plugin"] == plugin

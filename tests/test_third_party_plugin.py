@@ -230,7 +230,8 @@ def test_plugins_lists_the_external_distribution(installed):
     rows = {r["plugin"]: r for r in json.loads(proc.stdout)}
     row = rows["transport-countingtcp"]
     assert row == {"plugin": "transport-countingtcp", "kind": "transport", "name": "countingtcp",
-                   "distribution": DIST, "version": VERSION, "status": "loaded", "reason": ""}
+                   "distribution": DIST, "version": VERSION, "status": "loaded", "reason": "",
+                   "summary": "moves cpu memory; reaches other hosts"}
     assert rows["transport-tcp"]["status"] == "loaded"
     assert rows["transport-tcp"]["distribution"] == "llumnix-kv"
 
