@@ -128,8 +128,9 @@ def test_pull_before_hello_flood_does_not_stall_layer_ready(pair):
             time.sleep(0.001)
     finally:
         stop.set()
-        s.close()
+        s.shutdown(socket.SHUT_RDWR)  # wakes the flooder's blocked send
         flooder.join(5.0)
+        s.close()
     assert worst < 0.1, f"layer_ready waited {worst * 1000:.0f} ms while P refused PULLs"
 
 
