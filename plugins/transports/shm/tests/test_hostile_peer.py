@@ -1,5 +1,6 @@
-"""An shm listener against a local peer speaking raw frames: ring set-up only after the handshake and only
-for the peer's rings in ring_dir (never through a symbolic link); credits only for slots of the ring in use."""
+"""An shm listener against a local peer speaking raw frames: a malformed handshake region table is refused;
+ring set-up only after the handshake and only for the peer's rings in ring_dir (never through a symbolic
+link); credits only for slots of the ring in use."""
 
 from __future__ import annotations
 
@@ -114,3 +115,11 @@ def test_credit_for_a_slot_not_in_use_is_refused(listener, slot):
     s.sendall(message("credit", slot=slot))
     assert_refused(s, "ring credit for slot")
     handler.wait(lambda r: len(r.closed) == 1)
+
+
+@pytest.mark.parametrize("regions", [[{"region": "x"}], [{"region": 10**12, "device": "cpu", "nbytes": 1}],
+                                     [{"region": 1, "device": "cuda:x", "nbytes": 1}], "regions"])
+def test_malformed_handshake_region_table_is_refused(listener, regions):
+    s, _ = listener
+    s.sendall(message("hello", host=host_identity(), pid=os.getpid(), regions=regions))
+    assert_refused(s, "malformed shm handshake region table")
