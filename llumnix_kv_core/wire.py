@@ -153,12 +153,16 @@ def encode_body(body: dict[str, Any] | None) -> bytes:
 
 
 def decode_body(raw: bytes) -> dict[str, Any]:
+    """The JSON object of a control frame's body; FrameError (and nothing else) for any other bytes."""
     if not raw:
         return {}
     try:
         out = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, an integer over Python's digit limit
         msg = f"frame body is not valid JSON: {exc}"
+        raise FrameError(msg) from exc
+    except RecursionError as exc:
+        msg = "frame body nests JSON too deeply; control bodies are flat objects"
         raise FrameError(msg) from exc
     if not isinstance(out, dict):
         msg = "frame body must be a JSON object"

@@ -10,6 +10,7 @@ once the transfer is complete. Jobs planned before a preemption never read the o
 
 from __future__ import annotations
 
+import logging
 import threading
 from dataclasses import dataclass
 from typing import Any
@@ -22,10 +23,12 @@ from llumnix_kv_core.agent.send_book import SendBook
 from llumnix_kv_core.agent.send_book import SendTransfer
 from llumnix_kv_core.agent.send_book import Unit
 from llumnix_kv_core.agent.send_loop import Job
+from llumnix_kv_core.agent.states import SendState
 from llumnix_kv_core.plan import plan_tensor
 from llumnix_kv_core.wire import Kind
 
 _TICK_S = 0.5
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -72,10 +75,19 @@ class Planner:
                 if book.stopped:
                     return
                 book.lock.wait(timeout=_TICK_S)
-                book.expire()
+                refusals = book.expire()
                 work = self._collect()
+            book.send_errors(refusals)
             for w in work:
-                self._queue(w, self._plan(w))
+                try:
+                    frames = self._plan(w)
+                except Exception as exc:  # one bad transfer must not stop planning for all others
+                    log.exception("planning transfer %s failed", w.t.tid)
+                    with book.lock:
+                        if w.t.is_open:
+                            book.fail(w.t, SendState.FAILED, f"the prefill instance could not plan the transfer: {exc}")
+                    continue
+                self._queue(w, frames)
 
     def _collect(self) -> list[_Work]:
         """Units not yet planned, per receiver of each open transfer (lock held)."""

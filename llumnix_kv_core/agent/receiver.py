@@ -24,6 +24,7 @@ from llumnix_kv_core.agent.layers import LayerTable
 from llumnix_kv_core.agent.records import BusyTime
 from llumnix_kv_core.agent.records import RecordLog
 from llumnix_kv_core.agent.records import TransferRecord
+from llumnix_kv_core.agent.send_loop import SendLoop
 from llumnix_kv_core.agent.states import RecvState
 from llumnix_kv_core.agent.states import is_final
 from llumnix_kv_core.agent.states import move
@@ -101,6 +102,7 @@ class KVReceiver:
         self._channel_link: dict[int, SenderLink] = {}
         self._inflight: dict[int, str] = {}  # receive-thread ident -> transfer being written
         self._jobs: queue.Queue[RecvTransfer | None] = queue.Queue()
+        self._notices = SendLoop("llumnix-kv-notify")  # ACK and CANCEL frames, one thread for all transfers
         self._stopped = False
         self.bytes_received = 0
         self.busy = BusyTime()  # when data of a completed transfer was flowing in
@@ -238,6 +240,7 @@ class KVReceiver:
             links = list(self._links.values())
             self._lock.notify_all()
         self._jobs.put(None)
+        self._notices.stop()
         for link in links:
             if link.peer is not None:
                 link.peer.close()
@@ -259,8 +262,7 @@ class KVReceiver:
         for address in t.sources:
             link = self._links.get(address)
             if link is not None and link.peer is not None:
-                chan = link.peer.channels[0]
-                threading.Thread(target=self._send_quietly, args=(chan, Kind.ACK, t.tid), daemon=True).start()
+                self._notify(link.peer.channels[0], Kind.ACK, t.tid)
 
     def _cancel_sources(self, t: RecvTransfer, skip: str | None = None) -> None:
         """Tell every source already pulled (but ``skip``) that this rank gave the transfer up."""
@@ -268,15 +270,18 @@ class KVReceiver:
             link = self._links.get(address)
             if address == skip or link is None or link.peer is None:
                 continue
-            chan = link.peer.channels[0]
-            threading.Thread(target=self._send_quietly, args=(chan, Kind.CANCEL, t.tid), daemon=True).start()
+            self._notify(link.peer.channels[0], Kind.CANCEL, t.tid)
 
-    @staticmethod
-    def _send_quietly(chan: Channel, kind: Kind, tid: str) -> None:
-        try:
-            chan.send_control(kind, tid)
-        except Exception as exc:
-            log.warning("could not send %s for %s: %s", kind.name, tid, exc)
+    def _notify(self, chan: Channel, kind: Kind, tid: str) -> None:
+        """Queue a body-less ``kind`` frame to a source; the notice thread sends it (best effort)."""
+
+        def send() -> None:
+            try:
+                chan.send_control(kind, tid)
+            except Exception as exc:
+                log.warning("could not send %s for %s: %s", kind.name, tid, exc)
+
+        self._notices.put(send)
 
     def _fail_link(self, link: SenderLink, why: str) -> None:
         for t in self._transfers.values():

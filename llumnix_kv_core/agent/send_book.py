@@ -12,9 +12,9 @@ import threading
 import time
 from dataclasses import dataclass
 from dataclasses import field
-from typing import Any
 
 from llumnix_kv_core.agent.layers import LayerEntry
+from llumnix_kv_core.agent.pull import Pull
 from llumnix_kv_core.agent.send_loop import SendLoop
 from llumnix_kv_core.agent.states import SendState
 from llumnix_kv_core.agent.states import move
@@ -26,6 +26,7 @@ from llumnix_kv_core.wire import Kind
 log = logging.getLogger(__name__)
 
 Unit = tuple[str, int, int]  # (layer, lo, hi): block positions [lo, hi) of a layer are computed
+Reply = tuple[Channel, str, str]  # (channel, transfer id, why): an ERROR to send once the lock is released
 
 
 @dataclass
@@ -103,7 +104,7 @@ class SendBook:
         self.tp_rank, self.tp_size = tp_rank, tp_size
         self.lock = threading.Condition()
         self.transfers: dict[str, SendTransfer] = {}
-        self.pending_pulls: dict[str, list[tuple[ReceiverPeer, dict[str, Any], float]]] = {}  # before open()
+        self.pending_pulls: dict[str, list[tuple[ReceiverPeer, Pull, float]]] = {}  # before open()
         self.peers: dict[str, ReceiverPeer] = {}
         self.channel_peer: dict[int, tuple[ReceiverPeer, int]] = {}  # id(channel) -> (peer, channel index)
         self.released: set[str] = set()
@@ -118,12 +119,12 @@ class SendBook:
             t.units.append((layer, lo, hi))
             t.layer_hi[layer] = max(t.layer_hi.get(layer, 0), hi)
 
-    def attach(self, t: SendTransfer, peer: ReceiverPeer, body: dict[str, Any]) -> None:
+    def attach(self, t: SendTransfer, peer: ReceiverPeer, pull: Pull) -> None:
         if not t.attachments:
             t.expected_pulls = tp_expected_pulls(self.tp_rank, self.tp_size, peer.tp)
             t.t_attach = time.monotonic()
-        t.attachments.append(Attachment(peer, {int(g): list(b) for g, b in body["blocks"].items()},
-                                        {int(g): int(s) for g, s in body.get("start", {}).items()}))
+        t.attachments.append(Attachment(peer, {g: list(b) for g, b in pull.dst_blocks.items()},
+                                        dict(pull.dst_start)))
 
     def fail(self, t: SendTransfer, state: SendState, why: str, *, skip: ReceiverPeer | None = None) -> None:
         """End ``t`` in ``state``; tell its receivers but ``skip`` (from each one's first send loop)."""
@@ -144,9 +145,13 @@ class SendBook:
 
             peer.loops[index].put(tell)
 
-    def expire(self) -> None:
-        """End what outlived its lease; forget old early cancels; refuse pulls that waited too long."""
+    def expire(self) -> list[Reply]:
+        """End what outlived its lease; forget old early cancels; refuse pulls that waited too long.
+
+        Returns the refusals, for the caller to send once it released the lock.
+        """
         now = time.monotonic()
+        replies: list[Reply] = []
         for t in self.transfers.values():
             if not t.is_open or not t.sealed:
                 continue
@@ -160,21 +165,29 @@ class SendBook:
                 del self.cancelled_early[tid]
         for tid, pulls in list(self.pending_pulls.items()):
             keep = []
-            for peer, body, deadline in pulls:
+            for peer, pull, deadline in pulls:
                 if now <= deadline:
-                    keep.append((peer, body, deadline))
+                    keep.append((peer, pull, deadline))
                     continue
                 chan = next(iter(peer.channels.values()), None)
                 if chan is not None:
-                    try:
-                        chan.send_control(Kind.ERROR, tid, {"error": f"the prefill instance has no transfer {tid} "
-                                                            "(it expired, failed, or never reached this instance)"})
-                    except Exception:
-                        log.debug("could not report unknown transfer %s", tid)
+                    replies.append((chan, tid, f"the prefill instance has no transfer {tid} "
+                                               "(it expired, failed, or never reached this instance)"))
             if keep:
                 self.pending_pulls[tid] = keep
             else:
                 del self.pending_pulls[tid]
+        return replies
+
+    # -- lock not held ------------------------------------------------------------------------
+    @staticmethod
+    def send_errors(replies: list[Reply]) -> None:
+        """Send ERROR frames (best effort): never while holding the lock, which the engine's calls need."""
+        for chan, tid, why in replies:
+            try:
+                chan.send_control(Kind.ERROR, tid, {"error": why})
+            except Exception:  # the receiver may already be gone
+                log.debug("could not tell the receiver of %s: %s", tid, why)
 
     # -- takes the lock --------------------------------------------------------------------------
     def job_done(self, t: SendTransfer, nbytes: int, error: BaseException | None, *, read: bool = True) -> None:

@@ -16,9 +16,9 @@ Job = Callable[[], None]
 class SendLoop:
     """A queue of jobs and the thread that runs them, one after the other, until :meth:`stop`."""
 
-    def __init__(self) -> None:
+    def __init__(self, name: str = "llumnix-kv-send") -> None:
         self._jobs: queue.Queue[Job | None] = queue.Queue()
-        self._thread = threading.Thread(target=self._run, name="llumnix-kv-send", daemon=True)
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
     def put(self, job: Job) -> None:

@@ -20,6 +20,7 @@ from llumnix_kv_core.agent.layers import LayerEntry
 from llumnix_kv_core.agent.layers import LayerTable
 from llumnix_kv_core.agent.layers import remote_layers
 from llumnix_kv_core.agent.planner import Planner
+from llumnix_kv_core.agent.pull import parse_pull
 from llumnix_kv_core.agent.records import RecordLog
 from llumnix_kv_core.agent.records import TransferRecord
 from llumnix_kv_core.agent.send_book import Attachment
@@ -29,6 +30,7 @@ from llumnix_kv_core.agent.send_book import SendTransfer
 from llumnix_kv_core.agent.send_loop import SendLoop
 from llumnix_kv_core.agent.states import SendState
 from llumnix_kv_core.agent.states import is_final
+from llumnix_kv_core.errors import FrameError
 from llumnix_kv_core.errors import IncompatiblePeerError
 from llumnix_kv_core.errors import LayoutError
 from llumnix_kv_core.interfaces.transport import Channel
@@ -77,8 +79,8 @@ class KVSender:
                     t.end(SendState.CANCELLED, "the decode instance cancelled the transfer")
                 for e in self.layers:
                     book.add_unit(t, e.name, 0, (ready or {}).get(e.group_id, 0))
-                for peer, body, _deadline in self._pending_pulls.pop(tid, []):
-                    book.attach(t, peer, body)
+                for peer, pull, _deadline in self._pending_pulls.pop(tid, []):
+                    book.attach(t, peer, pull)
             else:
                 for g, b in blocks.items():
                     t.blocks[g] = list(b)
@@ -195,28 +197,43 @@ class KVSender:
             if peer is None:
                 peer = book.peers[agent_id] = ReceiverPeer(agent_id, layers, rank, size, templates)
             peer.channels[index] = channel
+            old = peer.loops.get(index)
+            if old is not None:  # a new HELLO on a reused channel index: its old send thread must end
+                old.stop()
             peer.loops[index] = SendLoop()
             book.channel_peer[id(channel)] = (peer, index)
         channel.send_control(Kind.HELLO_OK, bytes(16), {"agent": agent_id})
 
     def on_pull(self, channel: Channel, tid: str, body: dict[str, Any]) -> None:
+        """Attach the receiver to ``tid`` (or park the pull until the engine opens it).
+
+        A refusal is sent after the lock is released: the engine's calls need it, and a send may wait.
+        """
         with self._lock:
             entry = self._book.channel_peer.get(id(channel))
-            if entry is None:
-                channel.send_control(Kind.ERROR, tid, {"error": "PULL before HELLO on this connection"})
-                return
-            peer = entry[0]
+        why = self._pull(channel, tid, body, entry[0]) if entry is not None else "PULL before HELLO on this connection"
+        if why:
+            SendBook.send_errors([(channel, tid, why)])
+
+    def _pull(self, channel: Channel, tid: str, body: dict[str, Any], peer: ReceiverPeer) -> str:
+        """Attach or park a PULL of ``peer``; why it is refused, or "" when it is not."""
+        try:
+            pull = parse_pull(body, peer.layers)
+        except FrameError as exc:
+            log.warning("refusing a PULL of %s from %s: %s", tid, channel.peer_name, exc)
+            return f"PULL of transfer {tid} refused: {exc}; the receiver must name block ids of its announced pools"
+        with self._lock:
             t = self._transfers.get(tid)
             if t is None:
-                self._pending_pulls.setdefault(tid, []).append((peer, body, time.monotonic() + self.timeout_s))
-                return
+                self._pending_pulls.setdefault(tid, []).append((peer, pull, time.monotonic() + self.timeout_s))
+                return ""
             if not t.is_open or any(a.peer is peer for a in t.attachments) or (
                     t.attachments and len(t.attachments) >= t.expected_pulls):
                 why = f"it is {t.state.value}" if not t.is_open else "another receiver already pulled it"
-                channel.send_control(Kind.ERROR, tid, {"error": f"transfer {tid} cannot be pulled: {why}"})
-                return
-            self._book.attach(t, peer, body)
+                return f"transfer {tid} cannot be pulled: {why}"
+            self._book.attach(t, peer, pull)
             self._lock.notify_all()
+            return ""
 
     def _attachment(self, t: SendTransfer, channel: Channel | None) -> Attachment | None:
         entry = self._book.channel_peer.get(id(channel)) if channel is not None else None
@@ -262,10 +279,11 @@ class KVSender:
             if entry is None:
                 return
             peer, index = entry
-            peer.channels.pop(index, None)
-            loop = peer.loops.pop(index, None)
-            if loop is not None:
-                loop.stop()
+            if peer.channels.get(index) is channel:  # not yet taken over by a later HELLO
+                peer.channels.pop(index, None)
+                loop = peer.loops.pop(index, None)
+                if loop is not None:
+                    loop.stop()
             if not peer.channels:
                 book.peers.pop(peer.agent_id, None)
                 for t in self._transfers.values():

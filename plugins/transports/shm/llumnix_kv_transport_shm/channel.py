@@ -304,6 +304,9 @@ class ShmChannel(StreamChannel):
         if path is None:
             msg = f"unknown shm transport message {op!r}"
             raise FrameError(msg)
+        if self._peer is None:
+            msg = f"shm transport message {op!r} before the handshake: the peer is not an shm transport"
+            raise FrameError(msg)
         path.on_message(str(op), body, self._pending)
 
     def _admit(self, h: wire.FrameHeader) -> None:

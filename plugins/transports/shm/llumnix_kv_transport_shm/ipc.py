@@ -10,10 +10,13 @@ from typing import Any
 import numpy as np
 
 from llumnix_kv_core import native
+from llumnix_kv_core.errors import FrameError
 from llumnix_kv_core.errors import NativeUnavailableError
 from llumnix_kv_core.errors import TransferError
 from llumnix_kv_core.memory import MemoryRegion
 from llumnix_kv_core.memory import MemoryRegistry
+
+MAX_REGIONS = 1 << 20  # region ids a peer may announce (one per cache tensor)
 
 
 def device_index(device: str) -> int | None:
@@ -50,15 +53,23 @@ class PeerTable:
 
     @classmethod
     def from_hello(cls, body: dict[str, Any]) -> PeerTable:
-        """The table of a ``hello`` or ``hello_ok`` message."""
-        table = cls.parse(body.get("regions", []), int(body.get("pid", -1)))
-        table.allocations = tuple(int(s) for s in body.get("allocations", ()))
+        """The table of a ``hello`` or ``hello_ok`` message; FrameError if it is malformed."""
+        try:
+            table = cls.parse(body.get("regions", []), int(body.get("pid", -1)))
+            table.allocations = tuple(int(s) for s in body.get("allocations", ()))
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            msg = f"malformed shm handshake region table ({exc!r}): the peer is not a matching shm transport"
+            raise FrameError(msg) from exc
         table.fd_socket = str(body.get("fd_socket", ""))
         return table
 
     @classmethod
     def parse(cls, regions: list[dict[str, Any]], pid: int) -> PeerTable:
-        n = max((int(e["region"]) for e in regions), default=-1) + 1
+        ids = [int(e["region"]) for e in regions]
+        if any(not 0 <= rid < MAX_REGIONS for rid in ids):
+            msg = f"a region id of the peer is outside [0, {MAX_REGIONS})"
+            raise ValueError(msg)
+        n = max(ids, default=-1) + 1
         kind = np.zeros(n, dtype=np.uint8)
         nbytes = np.zeros(n, dtype=np.uint64)
         entries = {}

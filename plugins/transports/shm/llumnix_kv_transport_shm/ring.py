@@ -11,6 +11,7 @@ from __future__ import annotations
 import ctypes
 import mmap
 import os
+import re
 import uuid
 
 import numpy as np
@@ -34,7 +35,7 @@ class ShmRing:
         self.slot_bytes = slot_bytes
         self.nbytes = slots * slot_bytes
         self.addr = 0
-        flags = os.O_RDWR | (os.O_CREAT | os.O_EXCL if create else 0)
+        flags = os.O_RDWR | os.O_NOFOLLOW | (os.O_CREAT | os.O_EXCL if create else 0)
         try:
             fd = os.open(path, flags, 0o600)
         except OSError as exc:
@@ -84,6 +85,12 @@ class ShmRing:
         if self.addr:
             _libc.munmap(self.addr, self.nbytes)
             self.addr = 0
+
+
+def is_ring_path(path: str, directory: str, pid: int) -> bool:
+    """Whether ``path`` names a ring that process ``pid`` created in ``directory`` (see :meth:`ShmRing.create`)."""
+    head, name = os.path.split(path)
+    return head == os.path.normpath(directory) and re.fullmatch(rf"llumnix-kv-{pid}-[0-9a-f]{{12}}", name) is not None
 
 
 def payload_starts(lengths: np.ndarray) -> np.ndarray:

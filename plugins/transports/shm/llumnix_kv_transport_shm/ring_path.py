@@ -24,7 +24,16 @@ from llumnix_kv_transport_shm.paths import Link
 from llumnix_kv_transport_shm.paths import Outgoing
 from llumnix_kv_transport_shm.ring import ShmRing
 from llumnix_kv_transport_shm.ring import chunk_pieces
+from llumnix_kv_transport_shm.ring import is_ring_path
 from llumnix_kv_transport_shm.ring import payload_starts
+
+
+def _field(body: dict[str, Any], key: str) -> int:
+    value = body.get(key)
+    if type(value) is not int:
+        msg = f"ring message field {key!r} is {value!r}, not an integer"
+        raise FrameError(msg)
+    return value
 
 
 class RingPath:
@@ -102,21 +111,36 @@ class RingPath:
         if op == "ring":
             self._map(body)
         elif op == "chunk":
-            self._on_chunk(int(body["slot"]), int(body["n"]), inc)
+            self._on_chunk(_field(body, "slot"), _field(body, "n"), inc)
         else:  # replies to this side's sends
             with link.cond:
                 if op == "credit":
-                    self._free_slots.append(int(body["slot"]))
+                    self._free_slots.append(self._credited_slot(body))
                 else:
                     self._ring_reply = body
                 link.cond.notify_all()
+
+    def _credited_slot(self, body: dict[str, Any]) -> int:
+        """The slot a ``credit`` hands back (cond held): one of this side's ring, not free already."""
+        slot, ring = body.get("slot"), self.out_ring
+        slots = ring.slots if ring is not None else 0
+        if type(slot) is not int or not 0 <= slot < slots or slot in self._free_slots:
+            msg = (f"ring credit for slot {slot!r}, but this side's ring has {slots} slots and that one is not in "
+                   "use: the peer is not a matching shm transport")
+            raise FrameError(msg)
+        return slot
 
     def _map(self, body: dict[str, Any]) -> None:
         if self._in_ring is not None:
             self._in_ring.close()
             self._in_ring = None
+        path = str(body.get("path"))
+        if not is_ring_path(path, self._options.ring_dir, self._link.peer.pid):
+            msg = (f"ring set-up names {path!r}, not a ring of the peer process in ring_dir "
+                   f"{self._options.ring_dir!r}: both sides must use the same ring_dir")
+            raise FrameError(msg)
         try:
-            self._in_ring = ShmRing(str(body["path"]), int(body["slots"]), int(body["slot_bytes"]), create=False)
+            self._in_ring = ShmRing(path, _field(body, "slots"), _field(body, "slot_bytes"), create=False)
         except TransferError as exc:
             self._link.reply("ring_ok", ok=False, error=str(exc))
             return
