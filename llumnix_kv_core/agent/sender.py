@@ -16,6 +16,8 @@ import logging
 import time
 from typing import Any
 
+from llumnix_kv_core.agent.hello import Hello
+from llumnix_kv_core.agent.hello import parse_hello
 from llumnix_kv_core.agent.layers import LayerEntry
 from llumnix_kv_core.agent.layers import LayerTable
 from llumnix_kv_core.agent.layers import remote_layers
@@ -171,31 +173,36 @@ class KVSender:
             return out
 
     # -- frames (transport receive threads) -------------------------------------------------
-    def _check_receiver(self, body: dict[str, Any]) -> tuple[dict[str, LayerEntry], int, int, dict[str, Template]]:
-        check_compatible(self.signature, body.get("signature", {}), sides=("sender", "receiver"))
-        rank, size = (int(x) for x in body.get("tp", (0, 1)))
-        check_tp(self.tp_size, size)
-        layers = remote_layers(body.get("layers", []), self.layers)
+    def _check_receiver(self, hello: Hello) -> tuple[dict[str, LayerEntry], dict[str, Template]]:
+        check_compatible(self.signature, hello.signature, sides=("sender", "receiver"))
+        check_tp(self.tp_size, hello.size)
+        try:
+            layers = remote_layers(hello.layers, self.layers)
+        except (AttributeError, KeyError, TypeError, ValueError) as exc:
+            msg = f"HELLO layers are malformed: {exc!r}"
+            raise FrameError(msg) from exc
         templates = {
-            name: compile_template(self.layers[name].tensor, e.tensor, self.tp_rank, self.tp_size, rank, size)
+            name: compile_template(self.layers[name].tensor, e.tensor, self.tp_rank, self.tp_size, hello.rank,
+                                   hello.size)
             for name, e in layers.items()
         }
-        return layers, rank, size, templates
+        return layers, templates
 
     def on_hello(self, channel: Channel, body: dict[str, Any]) -> None:
         try:
-            layers, rank, size, templates = self._check_receiver(body)
-        except (IncompatiblePeerError, LayoutError) as exc:
+            hello = parse_hello(body)
+            layers, templates = self._check_receiver(hello)
+        except (FrameError, IncompatiblePeerError, LayoutError) as exc:
             # Refuse, but keep the connection: the receiver cancels its transfer on it and closes.
             log.error("refusing receiver %s: %s", channel.peer_name, exc)
             channel.send_control(Kind.ERROR, bytes(16), {"error": str(exc)})
             return
-        agent_id, index = str(body["agent"]), int(body.get("channel", 0))
+        agent_id, index = hello.agent_id, hello.channel
         book = self._book
         with self._lock:
             peer = book.peers.get(agent_id)
             if peer is None:
-                peer = book.peers[agent_id] = ReceiverPeer(agent_id, layers, rank, size, templates)
+                peer = book.peers[agent_id] = ReceiverPeer(agent_id, layers, hello.rank, hello.size, templates)
             peer.channels[index] = channel
             old = peer.loops.get(index)
             if old is not None:  # a new HELLO on a reused channel index: its old send thread must end

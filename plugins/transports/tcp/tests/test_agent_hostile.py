@@ -46,14 +46,18 @@ def control(kind: Kind, tid: bytes, body: dict) -> bytes:
     return raw_frame(kind, tid=tid, body=wire.encode_body(body))
 
 
+def good_hello(d: KVCache) -> dict:
+    """The HELLO a decode agent with cache ``d`` sends on channel index 0."""
+    return {"agent": "raw-receiver", "signature": d.signature(), "layers": LayerTable([d.layout]).describe(),
+            "tp": [0, 1], "channel": 0}
+
+
 def raw_receiver(address: str, d: KVCache, hellos: int = 1) -> socket.socket:
     """A raw connection to P that sent D's HELLO ``hellos`` times on channel index 0 and read each HELLO_OK."""
     host, port = address.rsplit(":", 1)
     s = socket.create_connection((host, int(port)))
-    hello = {"agent": "raw-receiver", "signature": d.signature(), "layers": LayerTable([d.layout]).describe(),
-             "tp": [0, 1], "channel": 0}
     for _ in range(hellos):
-        s.sendall(control(Kind.HELLO, bytes(16), hello))
+        s.sendall(control(Kind.HELLO, bytes(16), good_hello(d)))
         h, _ = read_frame(s, timeout=5.0)
         assert h.kind == Kind.HELLO_OK
     return s
@@ -161,3 +165,26 @@ def test_decode_acks_without_a_thread_per_transfer(pair, monkeypatch):
     for _ in range(10):
         check_still_serves(p, pa, d, da)
     assert started == [], f"threads started for 10 transfers: {started}"
+
+
+@pytest.mark.parametrize(("change", "cause"), [
+    ({"agent": None}, "HELLO agent is None"),
+    ({"agent": "x" * 65}, "at most 64 characters"),
+    ({"tp": "0,1"}, "HELLO tp is '0,1'"),
+    ({"tp": [0, 0]}, "tp size is 0"),
+    ({"tp": [3, 2]}, "tp rank is 3"),
+    ({"channel": 10**6}, "channel is 1000000"),
+    ({"signature": []}, "signature is a list"),
+    ({"layers": {}}, "layers is a dict"),
+    ({"layers": [{"name": "x"}]}, "HELLO layers are malformed"),
+    ({"layers": ["x"]}, "HELLO layers are malformed"),
+])
+def test_malformed_hello_is_refused_naming_the_field(pair, change, cause):
+    p, pa, d, da = pair
+    host, port = pa.address.rsplit(":", 1)
+    with socket.create_connection((host, int(port))) as s:
+        s.sendall(control(Kind.HELLO, bytes(16), {**good_hello(d), **change}))
+        h, body = read_frame(s, timeout=5.0)
+        assert h.kind == Kind.ERROR
+        assert cause in body["error"]
+    check_still_serves(p, pa, d, da)
