@@ -11,12 +11,10 @@ import time
 import numpy as np
 import pytest
 from llumnix_kv_layout_flash_attn.parser import FlashAttnParser
-from llumnix_kv_transport_tcp.transport import TcpTransport
 
 from llumnix_kv_core import wire
 from llumnix_kv_core.agent.layers import LayerTable
 from llumnix_kv_core.testing.agents import KVCache
-from llumnix_kv_core.testing.agents import agents
 from llumnix_kv_core.testing.agents import expected_after
 from llumnix_kv_core.testing.agents import send_all
 from llumnix_kv_core.testing.agents import wait_for
@@ -27,19 +25,8 @@ from llumnix_kv_core.wire import Kind
 from llumnix_kv_core.wire import new_transfer_id
 
 PARSER = FlashAttnParser()
-D_BLOCKS = 48
+D_BLOCKS = 48  # blocks of the decode cache of the pair fixture (conftest.py)
 
-
-@pytest.fixture
-def make_agent():
-    with agents(TcpTransport, "lkv-tcp") as make:
-        yield make
-
-
-@pytest.fixture
-def pair(make_agent):
-    p, d = KVCache(1, PARSER), KVCache(2, PARSER, blocks=D_BLOCKS)
-    return p, make_agent([p.layout], p.signature(), listen=True), d, make_agent([d.layout], d.signature())
 
 
 def control(kind: Kind, tid: bytes, body: dict) -> bytes:

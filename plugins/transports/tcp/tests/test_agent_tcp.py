@@ -21,11 +21,9 @@ from typing import Any
 import numpy as np
 import pytest
 from llumnix_kv_layout_flash_attn.parser import FlashAttnParser
-from llumnix_kv_transport_tcp.transport import TcpTransport
 
 from llumnix_kv_core.testing.agents import DEADLINE_S
 from llumnix_kv_core.testing.agents import KVCache
-from llumnix_kv_core.testing.agents import agents
 from llumnix_kv_core.testing.agents import check_cancel_fences_memory
 from llumnix_kv_core.testing.agents import check_prefill_then_decode
 from llumnix_kv_core.testing.agents import expected_after
@@ -35,18 +33,6 @@ from llumnix_kv_core.wire import new_transfer_id
 
 PARSER = FlashAttnParser()
 
-
-@pytest.fixture
-def make_agent():
-    with agents(TcpTransport, "lkv-tcp") as make:
-        yield make
-
-
-@pytest.fixture
-def pair(make_agent):
-    """(P cache, P agent listening, D cache, D agent) with equal layouts and different contents."""
-    p, d = KVCache(1, PARSER), KVCache(2, PARSER, blocks=48)
-    return p, make_agent([p.layout], p.signature(), listen=True), d, make_agent([d.layout], d.signature())
 
 
 @pytest.mark.parametrize("connections", [1, 2, 4])
