@@ -3,10 +3,12 @@
 Exported virtual GPU memory travels as POSIX file descriptors, which the channel's TCP loopback
 connection cannot carry. The exporting side opens an :class:`FdOffer` (a listening
 ``SOCK_SEQPACKET`` socket with a random name in the abstract namespace), announces its name in
-the handshake and hands the descriptors to the first process of its own user that connects; the
-importing side calls :func:`receive_fds`, which checks the offering process with ``SO_PEERCRED``
-(same uid, the pid its handshake announced) before it takes them. Each message carries up to
-:data:`FDS_PER_MESSAGE` descriptors and a header ``(magic, index of its first descriptor, total)``.
+the handshake and hands the descriptors to the first process of its own user that connects and asks
+for them; the importing side calls :func:`receive_fds`, which checks the offering process with
+``SO_PEERCRED`` (same uid, the pid its handshake announced) before it asks. A receiver that refuses
+the offering side hangs up without asking, and the offer keeps waiting for its real peer. The
+request is ``(magic, count)``; each answer carries up to :data:`FDS_PER_MESSAGE` descriptors and a
+header ``(magic, index of its first descriptor, total)``.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ log = logging.getLogger(__name__)
 FDS_PER_MESSAGE = 250  # the kernel's SCM_MAX_FD is 253
 _HEADER = struct.Struct("<4sII")
 _MAGIC = b"LKVF"
+_REQUEST = struct.Struct("<4sI")
+_REQUEST_MAGIC = b"LKVR"
 _POLL_S = 0.05  # how often a waiting offer looks at its deadline and close flag
 
 
@@ -96,6 +100,11 @@ class FdOffer:
         conn.settimeout(max(self._deadline - time.monotonic(), _POLL_S))
         total = len(self._fds)
         try:
+            request = conn.recv(_REQUEST.size)
+            if len(request) != _REQUEST.size or _REQUEST.unpack(request) != (_REQUEST_MAGIC, total):
+                log.warning("shm descriptor socket %s: pid %d hung up or asked for something else (%r); still "
+                            "waiting for the peer", self.name, pid, request)
+                return False
             for first in range(0, max(total, 1), FDS_PER_MESSAGE):
                 batch = self._fds[first:first + FDS_PER_MESSAGE]
                 socket.send_fds(conn, [_HEADER.pack(_MAGIC, first, total)], batch)
@@ -137,9 +146,12 @@ def receive_fds(name: str, count: int, peer_pid: int, timeout_s: float) -> list[
         if pid != peer_pid:
             msg = f"the shm descriptor socket {name!r} belongs to pid {pid}, not to the peer (pid {peer_pid})"
             raise TransferError(msg)
+        sock.sendall(_REQUEST.pack(_REQUEST_MAGIC, count))
         while len(fds) < count:
             try:
                 data, got, flags, _ = socket.recv_fds(sock, _HEADER.size, FDS_PER_MESSAGE)
+            except ConnectionResetError:
+                data, got, flags = b"", [], 0  # it hung up without reading our request: closed early
             except OSError as exc:
                 msg = f"receiving GPU memory descriptors from the shm peer (pid {pid}) failed: {exc}"
                 raise TransferError(msg) from exc

@@ -33,6 +33,19 @@ def open_memfds(name: str) -> int:
     return n
 
 
+def ask_raw(s: socket.socket, count: int) -> tuple[bytes, list[int]]:
+    """Send a well-formed request for ``count`` descriptors on a connected socket; what came back.
+
+    An offer that refuses the asker closes without reading, which the asker sees as EOF or a reset.
+    """
+    try:
+        s.sendall(b"LKVR" + count.to_bytes(4, "little"))
+        data, fds, _, _ = socket.recv_fds(s, 64, 16)
+    except (ConnectionResetError, BrokenPipeError):
+        return b"", []
+    return data, fds
+
+
 def offer_main(q, name: str, contents: list[bytes], timeout_s: float) -> None:
     """Offer one memfd per item of ``contents``; report the socket, then whether it was served."""
     try:
@@ -76,7 +89,7 @@ def raw_take_main(q, name: str, uid: int) -> None:
         with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as s:
             s.settimeout(5.0)
             s.connect("\0" + name)
-            data, fds, _, _ = socket.recv_fds(s, 64, 16)
+            data, fds = ask_raw(s, 1)
         for fd in fds:
             os.close(fd)
         q.put(("raw", len(data), len(fds)))

@@ -24,10 +24,6 @@ WAIT_S = 30.0
 NOBODY = 65534
 
 
-
-
-
-
 @pytest.fixture
 def memfd_name():
     """A memfd name of this test; no descriptor of it may stay open in this process afterwards."""
@@ -65,7 +61,11 @@ def test_descriptors_cross_processes_and_the_offer_cleans_up(memfd_name):
         _, name, pid = child_message(q, "offer", WAIT_S)
         assert pid == p.pid
         with pytest.raises(TransferError, match=f"belongs to pid {pid}, not to the peer"):
-            receive_fds(name, len(contents), pid + 1, timeout_s=5.0)
+            receive_fds(name, len(contents), pid + 1, timeout_s=5.0)  # hangs up without asking: offer stays
+        with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET) as s:  # asks for the wrong count: offer stays
+            s.settimeout(5.0)
+            s.connect("\0" + name)
+            assert fd_testkit.ask_raw(s, len(contents) + 1) == (b"", [])
         fds = receive_fds(name, len(contents), pid, timeout_s=5.0)
         try:
             assert [fd_testkit.read_all(fd) for fd in fds] == contents
@@ -95,8 +95,7 @@ def test_an_offer_bound_to_a_pid_refuses_other_processes(memfd_name):
             s.settimeout(5.0)
             s.connect("\0" + offer.name)
             assert peer_credentials(s)[0] == os.getpid()
-            data, fds, _, _ = socket.recv_fds(s, 64, 16)
-            assert (data, fds) == (b"", [])  # closed without a descriptor
+            assert fd_testkit.ask_raw(s, 1) == (b"", [])  # asks properly, is not the named peer: nothing
         gate.put(offer.name)
         assert child_message(q, "take", WAIT_S) == ("took", contents)
         assert offer.served.wait(5.0)
@@ -152,6 +151,7 @@ def test_an_offer_that_closes_early_fails_the_receiver_clearly(memfd_name):
 
     def serve_one_then_close() -> None:
         conn, _ = listener.accept()
+        conn.recv(64)  # the request
         fd = fd_testkit.memfd_with(memfd_name, b"first")
         socket.send_fds(conn, [b"LKVF" + (0).to_bytes(4, "little") + (3).to_bytes(4, "little")], [fd])
         os.close(fd)
