@@ -157,7 +157,7 @@ def test_cuda_entry_point_is_consistent():
 def test_pure_python_import_of_fallback_module():
     from llumnix_kv_core.native import _fallback
 
-    assert {"cpu_copy", "socket_io"} == set(_fallback.capabilities())
+    assert {"cpu_copy", "socket_io", "digest"} == set(_fallback.capabilities())
 
 
 @pytest.mark.skipif(native.implementation != "native", reason="needs the compiled core (implementation is fallback)")
