@@ -71,7 +71,7 @@ def test_env_forces_fallback():
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
     assert lines[0].startswith("fallback disabled by LLUMNIX_KV_NATIVE=0")
-    assert lines[1] == "['cpu_copy', 'socket_io']"
+    assert lines[1] == "['cpu_copy', 'digest', 'socket_io']"
     assert lines[2].startswith("NativeUnavailableError")
     assert "LLUMNIX_KV_NATIVE" in lines[2]
 
