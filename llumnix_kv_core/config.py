@@ -49,6 +49,9 @@ class ConnectorConfig:
     io_timeout_s: float = _option(30.0, "a send or receive without progress for this long fails the channel",
                                   lo=0.001)
     lease_s: float = _option(120.0, "how long P keeps an unclaimed request's blocks", lo=0.001, hi=86400.0)
+    digest: bool = _option(True, "XXH3-64 of every DATA segment, checked by D before it acknowledges; a mismatch "
+                           "fails the load like any other (tcp; set it alike on P and D; shm carries none, see "
+                           "its README)")
 
     @classmethod
     def from_extra(cls, extra: Mapping[str, Any] | None) -> ConnectorConfig:
@@ -65,7 +68,7 @@ class ConnectorConfig:
     def transport_config(self) -> TransportConfig:
         """The knobs every transport honours, with this config's transport options."""
         return TransportConfig(connect_timeout_s=self.connect_timeout_s, io_timeout_s=self.io_timeout_s,
-                               connections_per_peer=self.connections_per_peer,
+                               connections_per_peer=self.connections_per_peer, digest=self.digest,
                                extra=tuple(sorted(self.transport_options.items())))
 
 
@@ -77,6 +80,10 @@ def _coerce(f: dataclasses.Field, value: Any) -> Any:
         if not isinstance(value, Mapping):
             raise ConfigError(f"{bad}: expected a JSON object (dict)")
         return types.MappingProxyType(dict(value))
+    if isinstance(default, bool):
+        if not isinstance(value, bool):
+            raise ConfigError(f"{bad}: expected true or false")
+        return value
     if isinstance(default, str):
         if not isinstance(value, str) or not value:
             raise ConfigError(f"{bad}: expected a non-empty string")

@@ -6,18 +6,35 @@ segment table and a payload::
     header   magic u32 | version u16 | kind u16 | transfer_id 16B | layer u32 |
              n_segments u32 | body_len u32 | flags u32 | payload_len u64
     body     body_len bytes of UTF-8 JSON (control frames)
-    table    n_segments x (region u64, offset u64, length u64), little endian
+    table    n_segments x (region u64, offset u64, length u64), little endian   (DATA)
+    epoch    u64: the receiver's allocation epoch of the transfer                (DATA)
+    digests  n_segments x u64: XXH3-64 of each segment, in table order           (DATA with F_DIGEST)
     payload  payload_len bytes = sum(lengths), segment after segment
 
 The receiver validates everything before it writes a byte into registered memory.
+
+Every DATA frame carries an **epoch**: the receiver gives each allocation of a transfer (each
+``start`` of it, into the blocks it holds then) a new number and sends it in its PULL body
+(``"epoch"``); the sender stamps it on every DATA frame and on its DONE for that pull. A
+receiver writes a payload only if the transfer is still being received *with that epoch*:
+late or duplicate frames of an allocation it released (failed, cancelled, done, or started
+again into other blocks under the same transfer id) are drained to scratch, never written.
+
+The ``flags`` field is shared: bits 0-15 belong to the transport (e.g. how a DATA payload
+travels), bits 16-31 to this format. ``F_DIGEST`` (bit 16): the epoch is followed by one
+XXH3-64 digest (seed 0, :func:`llumnix_kv_core.native.digest_segments`) per segment, which the
+receiver checks once the payload is in place and before it counts the frame: a mismatch fails
+the transfer, naming the segment and both digests. A transport that carries digests sets it
+when its ``digest`` option is on (tcp); one that does not (shm) never sets it.
 
 Kinds HELLO .. CANCEL are the transfer protocol: a transport hands them to its frame handler.
 ``TRANSPORT`` frames belong to the transport itself (e.g. the shm transport's handshake, ring
 set-up, credits and ``go``/``end`` fence): the JSON body is the transport's own, and the receive
 loop routes them to the channel, never to the frame handler. A transport without messages of
-its own refuses them. The ``flags`` field is the transport's too (e.g. how a DATA payload travels).
+its own refuses them.
 
-``VERSION`` changes when a field's layout or meaning changes. Kinds are only ever added, and a
+``VERSION`` changes when a field's layout or meaning changes (2: DATA frames gained the epoch
+and the optional digests). Kinds are only ever added, and a
 receiver refuses a kind it does not know ("unknown frame kind"), so adding one (as ``TRANSPORT``
 was) cannot make a peer misread a frame and needs no new version.
 """
@@ -37,13 +54,16 @@ import numpy as np
 from llumnix_kv_core.errors import FrameError
 
 MAGIC = 0x4C4B5631  # "LKV1"
-VERSION = 1
+VERSION = 2
 HEADER = struct.Struct("<IHH16sIIIIQ")
 HEADER_SIZE = HEADER.size
 NO_LAYER = 0xFFFFFFFF
 MAX_BODY = 1 << 20
 MAX_SEGMENTS = 1 << 20
 TABLE_DTYPE = np.dtype([("region", "<u8"), ("offset", "<u8"), ("length", "<u8")])
+F_DIGEST = 1 << 16  # DATA: per-segment digests follow the epoch
+TRANSPORT_FLAGS = 0xFFFF  # the bits of ``flags`` a transport may use for itself
+MAX_EPOCH = (1 << 64) - 1
 
 
 class Kind(enum.IntEnum):
@@ -193,3 +213,25 @@ def unpack_table(raw: bytes | bytearray | memoryview, n_segments: int, payload_l
         msg = f"segment lengths add up to {total} bytes but the header announces {payload_len}"
         raise FrameError(msg)
     return table
+
+
+def pack_data_ext(epoch: int, digests: np.ndarray | None = None) -> bytes:
+    """What follows a DATA frame's segment table: the epoch, then the digests if given (``F_DIGEST``)."""
+    head = int(epoch).to_bytes(8, "little")
+    return head if digests is None else head + np.ascontiguousarray(digests, dtype="<u8").tobytes()
+
+
+def data_ext_size(h: FrameHeader) -> int:
+    """Bytes between a DATA frame's segment table and its payload."""
+    return 8 + (8 * h.n_segments if h.flags & F_DIGEST else 0)
+
+
+def unpack_data_ext(raw: bytes | bytearray | memoryview, h: FrameHeader) -> tuple[int, np.ndarray | None]:
+    """(epoch, digests or None) of a DATA frame, from the ``data_ext_size(h)`` bytes after its table."""
+    if len(raw) != data_ext_size(h):
+        msg = f"DATA frame extension is {len(raw)} bytes, expected {data_ext_size(h)}"
+        raise FrameError(msg)
+    epoch = int.from_bytes(bytes(raw[:8]), "little")
+    if not h.flags & F_DIGEST:
+        return epoch, None
+    return epoch, np.frombuffer(raw, dtype="<u8", offset=8).astype(np.uint64)

@@ -75,7 +75,17 @@ def test_unknown_key_is_refused_with_the_known_ones():
     ("transport", "", "non-empty string"),
     ("scenario", 3, "non-empty string"),
     ("transport_options", ["host_path"], "JSON object"),
+    ("digest", "yes", "expected true or false"),
+    ("digest", 1, "expected true or false"),
 ])
 def test_bad_values_name_the_key_the_value_and_what_is_accepted(key, value, why):
     with pytest.raises(ConfigError, match=f"connector option '{key}' = .*{why}"):
         ConnectorConfig.from_extra({key: value})
+
+
+def test_digest_is_on_by_default_and_reaches_the_transport():
+    assert ConnectorConfig().digest is True
+    assert ConnectorConfig().transport_config().digest is True
+    off = ConnectorConfig.from_extra({"digest": False})
+    assert off.digest is False
+    assert off.transport_config().digest is False

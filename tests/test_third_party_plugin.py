@@ -40,14 +40,17 @@ class CountingHandler(FrameHandler):
     def __init__(self, inner):
         self.inner = inner
 
-    def accept_data(self, transfer_id, layer):
-        return self.inner.accept_data(transfer_id, layer)
+    def accept_data(self, transfer_id, layer, epoch):
+        return self.inner.accept_data(transfer_id, layer, epoch)
 
     def on_data(self, channel, transfer_id, layer, nbytes, n_segments):
         with _LOCK:
             COUNTS["data"] += 1
             COUNTS["data_bytes"] += nbytes
         self.inner.on_data(channel, transfer_id, layer, nbytes, n_segments)
+
+    def on_data_failed(self, channel, transfer_id, layer, error):
+        self.inner.on_data_failed(channel, transfer_id, layer, error)
 
     def on_control(self, channel, kind, transfer_id, body):
         with _LOCK:

@@ -88,7 +88,7 @@ def test_wrapping_segment_lengths_are_refused():
     ("raw", "match"),
     [
         (raw_header(magic=0xDEADBEEF), r"bad frame magic 0xdeadbeef \(expected 0x4c4b5631\)"),
-        (raw_header(version=2), r"frame version 2, this side speaks 1"),
+        (raw_header(version=1), r"frame version 1, this side speaks 2"),
         (raw_header(kind=0), r"unknown frame kind 0"),
         (raw_header(kind=99), r"unknown frame kind 99"),
         (raw_header(body_len=wire.MAX_BODY + 1), rf"body of {wire.MAX_BODY + 1} bytes exceeds"),

@@ -12,6 +12,7 @@
 #include "plan_bindings.h"
 #include "llumnix_kv/cma.h"
 #include "llumnix_kv/copy.h"
+#include "llumnix_kv/digest.h"
 #include "llumnix_kv/errors.h"
 #include "llumnix_kv/segments.h"
 #include "llumnix_kv/socket_io.h"
@@ -91,6 +92,20 @@ void copy_segments(const py::object& src_addrs, const py::object& dst_addrs, con
   llumnix_kv::checked_total("dst_addrs", dst.data, len.data, len.size);
   py::gil_scoped_release release;
   llumnix_kv::copy_segments(src.data, dst.data, len.data, len.size, static_cast<unsigned>(num_threads));
+}
+
+py::array_t<std::uint64_t> digest_segments(const py::object& addrs, const py::object& lengths) {
+  U64Array a = as_u64_array(addrs, "addrs");
+  U64Array len = as_u64_array(lengths, "lengths");
+  check_same_size("addrs", a, "lengths", len);
+  llumnix_kv::checked_total("addrs", a.data, len.data, len.size);
+  py::array_t<std::uint64_t> out(static_cast<py::ssize_t>(len.size));
+  std::uint64_t* dst = out.mutable_data();
+  {
+    py::gil_scoped_release release;
+    llumnix_kv::digest_segments(a.data, len.data, len.size, dst);
+  }
+  return out;
 }
 
 std::uint64_t cma_copy(int pid, bool write, const py::object& local_addrs, const py::object& remote_addrs,
@@ -181,8 +196,11 @@ PYBIND11_MODULE(_native, m) {
         "here -> there) with Linux cross-memory attach: one copy by the kernel, no staging. Work is split\n"
         "by bytes over up to num_threads threads. Raises OSError (EPERM: not allowed to access the\n"
         "process; ESRCH: no such process; EFAULT: an address is not mapped there). Releases the GIL.");
+  m.def("digest_segments", &digest_segments, py::arg("addrs"), py::arg("lengths"),
+        "XXH3-64 (seed 0, default secret) of each segment: out[i] hashes lengths[i] bytes at addrs[i].\n\n"
+        "Returns a numpy.uint64 array of len(lengths) digests. Runs on the calling thread; releases the GIL.");
   llumnix_kv::bindings::bind_plan(m);
   m.def(
-      "capabilities", [] { return std::vector<std::string>{"cpu_copy", "socket_io", "threaded_copy", "cma"}; },
+      "capabilities", [] { return std::vector<std::string>{"cpu_copy", "socket_io", "threaded_copy", "cma", "digest"}; },
       "Features this build provides.");
 }

@@ -15,6 +15,7 @@ from llumnix_kv_core.agent.layers import LayerTable
 from llumnix_kv_core.agent.receiver import KVReceiver
 from llumnix_kv_core.agent.records import TransferRecord
 from llumnix_kv_core.agent.sender import KVSender
+from llumnix_kv_core.errors import DigestMismatchError
 from llumnix_kv_core.interfaces.transport import Channel
 from llumnix_kv_core.interfaces.transport import FrameHandler
 from llumnix_kv_core.interfaces.transport import Peer
@@ -78,11 +79,18 @@ class KVAgent(FrameHandler):
         self.transport.close()
 
     # -- FrameHandler ----------------------------------------------------------------------------
-    def accept_data(self, transfer_id: bytes, layer: int) -> bool:
-        return self.receiver.accept_data(transfer_id.hex())
+    def accept_data(self, transfer_id: bytes, layer: int, epoch: int) -> bool:
+        return self.receiver.accept_data(transfer_id.hex(), epoch)
 
     def on_data(self, channel: Channel, transfer_id: bytes, layer: int, nbytes: int, n_segments: int) -> None:
         self.receiver.on_data(transfer_id.hex(), nbytes)
+
+    def on_data_failed(self, channel: Channel, transfer_id: bytes, layer: int, error: Exception) -> None:
+        where = ""
+        if isinstance(error, DigestMismatchError):
+            where = f" [{self.layers.locate(error.region, error.offset)}]"
+        why = f"data from the prefill instance at {channel.peer_name} failed its check: {error}{where}"
+        self.receiver.on_data_failed(transfer_id.hex(), why)
 
     def on_control(self, channel: Channel, kind: Kind, transfer_id: bytes, body: dict[str, Any]) -> None:
         tid = transfer_id.hex()

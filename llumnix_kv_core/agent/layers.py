@@ -41,6 +41,18 @@ class LayerTable:
     def __len__(self) -> int:
         return len(self.entries)
 
+    def locate(self, region_id: int, offset: int) -> str:
+        """Which layer and block the byte at ``offset`` of region ``region_id`` belongs to, in words."""
+        e = next((x for x in self.entries.values() if x.region_id == region_id), None)
+        if e is None:
+            return f"region {region_id} is no layer of this side"
+        t = e.tensor
+        for unit, start in enumerate(t.unit_offsets):
+            block, within = divmod(offset - start, t.block_stride) if t.block_stride else (0, offset - start)
+            if 0 <= block < t.num_blocks and 0 <= within < t.unit_bytes:
+                return f"layer {e.name!r}, block {block}, unit {unit}, byte {within}"
+        return f"layer {e.name!r}, offset {offset} (outside its blocks)"
+
     def register(self, memory: MemoryRegistry, device: str = "cpu") -> None:
         for e in self.entries.values():
             memory.register(MemoryRegion(e.region_id, e.tensor.addr, e.tensor.extent, device))

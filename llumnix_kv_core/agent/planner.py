@@ -173,7 +173,8 @@ class Planner:
                     msg = "connection to the decode instance is closed"
                     raise ConnectionError(msg)
                 ready = {} if f.ready_event is None else {"ready_event": f.ready_event}
-                n = chan.send_data(t.tid, f.layer, f.src_addrs, f.regions, f.offsets, f.lengths, **ready)
+                n = chan.send_data(t.tid, f.layer, f.src_addrs, f.regions, f.offsets, f.lengths, **ready,
+                                   epoch=a.epoch)
             except BaseException as exc:
                 book.job_done(t, 0, exc)
                 return
@@ -190,7 +191,7 @@ class Planner:
                 if chan is None:
                     msg = "connection to the decode instance is closed"
                     raise ConnectionError(msg)
-                chan.send_control(Kind.DONE, t.tid, {"frames": a.frames, "bytes": a.planned_bytes})
+                chan.send_control(Kind.DONE, t.tid, {"frames": a.frames, "bytes": a.planned_bytes, "epoch": a.epoch})
             except BaseException as exc:
                 book.job_done(t, 0, exc, read=False)
                 return

@@ -1,9 +1,11 @@
 """A PULL's body, checked where it arrives: which destination blocks a receiver wants written.
 
-Body: ``{"blocks": {"<group>": [block id, ...]}, "start": {"<group>": first position}}``. Every
-group must be one of the receiver's cache groups, every block id inside each of that group's
-pools (as the receiver announced them at handshake), every start within its block list. A body
-that is not so is refused with an ERROR naming the cause; nothing of it reaches the planner.
+Body: ``{"blocks": {"<group>": [block id, ...]}, "start": {"<group>": first position}, "epoch": n}``.
+Every group must be one of the receiver's cache groups, every block id inside each of that group's
+pools (as the receiver announced them at handshake), every start within its block list. ``epoch``
+(an integer in [0, 2**64), 0 when absent) names the receiver's allocation of those blocks: the
+sender stamps it on every DATA frame and on the DONE of this pull (see :mod:`llumnix_kv_core.wire`).
+A body that is not so is refused with an ERROR naming the cause; nothing of it reaches the planner.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from typing import Any
 
 from llumnix_kv_core.agent.layers import LayerEntry
 from llumnix_kv_core.errors import FrameError
+from llumnix_kv_core.wire import MAX_EPOCH
 
 
 @dataclass(frozen=True)
@@ -21,6 +24,7 @@ class Pull:
 
     dst_blocks: dict[int, list[int]]
     dst_start: dict[int, int]
+    epoch: int = 0
 
 
 def _int(value: Any, what: str) -> int:
@@ -73,4 +77,8 @@ def parse_pull(body: dict[str, Any], layers: dict[str, LayerEntry]) -> Pull:
             msg = f"start {s} of group {g} is outside its {len(blocks.get(g, ()))} block ids"
             raise FrameError(msg)
         start[g] = s
-    return Pull(blocks, start)
+    epoch = _int(body.get("epoch", 0), "the epoch")
+    if not 0 <= epoch <= MAX_EPOCH:
+        msg = f"epoch {epoch} is outside [0, 2**64)"
+        raise FrameError(msg)
+    return Pull(blocks, start, epoch)

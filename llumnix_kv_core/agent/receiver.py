@@ -3,12 +3,17 @@
 Connections are opened (and the handshake done) on a background thread, never on
 the engine's forward thread. Data lands directly in registered memory; a transfer
 that is cancelled or failed is fenced (late frames are dropped, not written) and
-is reported only once no receive thread is still writing into its blocks. States and their
+is reported only once no receive thread is still writing into its blocks. Each
+``start`` gets a new allocation epoch, sent in the PULL: only DATA and DONE frames
+stamped with it count, so frames of an earlier allocation under the same transfer id
+(blocks since released, perhaps reallocated) never land. A frame whose payload fails
+its check (a digest mismatch) fails the transfer before it is acknowledged. States and their
 moves are in :mod:`~llumnix_kv_core.agent.states`.
 """
 
 from __future__ import annotations
 
+import itertools
 import logging
 import queue
 import threading
@@ -59,6 +64,7 @@ class RecvTransfer:
     start: dict[int, int]
     state: RecvState = RecvState.CONNECTING
     error: str = ""
+    epoch: int = 0  # this allocation's number: frames stamped with another one are not written
     frames: int = 0
     nbytes: int = 0
     expected: dict[str, tuple[int, int]] = field(default_factory=dict)  # source -> its DONE totals
@@ -78,6 +84,12 @@ class RecvTransfer:
         self.state = move(self.state, state)
         if error is not None:
             self.error = error
+
+
+def _same_epoch(body: dict[str, Any], t: RecvTransfer) -> bool:
+    """Whether a control frame's body names ``t``'s allocation epoch."""
+    epoch = body.get("epoch")
+    return type(epoch) is int and epoch == t.epoch
 
 
 class KVReceiver:
@@ -101,6 +113,7 @@ class KVReceiver:
         self._links: dict[str, SenderLink] = {}
         self._channel_link: dict[int, SenderLink] = {}
         self._inflight: dict[int, str] = {}  # receive-thread ident -> transfer being written
+        self._epochs = itertools.count(1)
         self._jobs: queue.Queue[RecvTransfer | None] = queue.Queue()
         self._notices = SendLoop("llumnix-kv-notify")  # ACK and CANCEL frames, one thread for all transfers
         self._stopped = False
@@ -135,6 +148,7 @@ class KVReceiver:
             if tid in self._transfers:
                 msg = f"transfer {tid} is already being received"
                 raise TransferError(msg)
+            t.epoch = next(self._epochs)
             self._transfers[tid] = t
         if not refused:
             self._jobs.put(t)
@@ -166,10 +180,12 @@ class KVReceiver:
         return done, failed
 
     # -- frames --------------------------------------------------------------------------------
-    def accept_data(self, tid: str) -> bool:
+    def accept_data(self, tid: str, epoch: int) -> bool:
+        """Whether a DATA frame of ``tid`` stamped ``epoch`` may be written: the transfer is being pulled into
+        the blocks of that allocation."""
         with self._lock:
             t = self._transfers.get(tid)
-            if t is None or t.state is not RecvState.PULLING:
+            if t is None or t.state is not RecvState.PULLING or epoch != t.epoch:
                 return False
             self._inflight[threading.get_ident()] = tid
             return True
@@ -187,10 +203,19 @@ class KVReceiver:
             t.t_first = t.t_first or t.last_progress
             self._check_done(t)
 
+    def on_data_failed(self, tid: str, why: str) -> None:
+        """A frame of ``tid`` was written but failed its check: the transfer fails (its sources are told)."""
+        with self._lock:
+            self._inflight.pop(threading.get_ident(), None)
+            t = self._transfers.get(tid)
+            if t is not None and t.state is RecvState.PULLING:
+                t.to(RecvState.FAILED, why)
+                self._cancel_sources(t)
+
     def on_done(self, tid: str, body: dict[str, Any], channel: Channel | None = None) -> None:
         with self._lock:
             t = self._transfers.get(tid)
-            if t is None or t.state is not RecvState.PULLING:
+            if t is None or t.state is not RecvState.PULLING or not _same_epoch(body, t):
                 return
             link = self._channel_link.get(id(channel)) if channel is not None else None
             source = link.address if link is not None else t.sources[0]
@@ -216,7 +241,7 @@ class KVReceiver:
                 self._lock.notify_all()
                 return
             t = self._transfers.get(tid)
-            if t is not None and t.active:
+            if t is not None and t.active and ("epoch" not in body or _same_epoch(body, t)):
                 t.to(RecvState.FAILED, f"the prefill instance reported: {why}")
                 self._cancel_sources(t, skip=link.address if link is not None else None)
 
@@ -346,7 +371,7 @@ class KVReceiver:
             if t is None:
                 return
             body = {"blocks": {str(g): b for g, b in t.blocks.items()},
-                    "start": {str(g): s for g, s in t.start.items()}}
+                    "start": {str(g): s for g, s in t.start.items()}, "epoch": t.epoch}
             for address in t.sources:
                 try:
                     link = self._link(address, t.tid)

@@ -53,6 +53,7 @@ class Attachment:
     peer: ReceiverPeer
     dst_blocks: dict[int, list[int]]
     dst_start: dict[int, int]
+    epoch: int = 0  # the receiver's allocation epoch, stamped on every DATA frame, the DONE and an ERROR
     planned: int = 0  # units of the transfer already planned for this receiver
     frames: int = 0
     planned_bytes: int = 0
@@ -124,7 +125,7 @@ class SendBook:
             t.expected_pulls = tp_expected_pulls(self.tp_rank, self.tp_size, peer.tp)
             t.t_attach = time.monotonic()
         t.attachments.append(Attachment(peer, {g: list(b) for g, b in pull.dst_blocks.items()},
-                                        dict(pull.dst_start)))
+                                        dict(pull.dst_start), pull.epoch))
 
     def fail(self, t: SendTransfer, state: SendState, why: str, *, skip: ReceiverPeer | None = None) -> None:
         """End ``t`` in ``state``; tell its receivers but ``skip`` (from each one's first send loop)."""
@@ -135,11 +136,11 @@ class SendBook:
                 continue
             index = min(peer.loops)
 
-            def tell(peer: ReceiverPeer = peer, index: int = index) -> None:
+            def tell(peer: ReceiverPeer = peer, index: int = index, epoch: int = a.epoch) -> None:
                 chan = peer.channels.get(index)
                 try:
                     if chan is not None:
-                        chan.send_control(Kind.ERROR, t.tid, {"error": why})
+                        chan.send_control(Kind.ERROR, t.tid, {"error": why, "epoch": epoch})
                 except Exception:  # the receiver may already be gone
                     log.debug("could not tell the receiver of %s: %s", t.tid, why)
 

@@ -24,9 +24,15 @@ class FrameCounter(FrameHandler):
         self.reply = reply
         self.controls: list[tuple[Kind, dict[str, Any]]] = []
         self.channel: Channel | None = None
+        self.failures: list[Exception] = []
 
-    def accept_data(self, transfer_id: bytes, layer: int) -> bool:
+    def accept_data(self, transfer_id: bytes, layer: int, epoch: int) -> bool:
         return True
+
+    def on_data_failed(self, channel: Channel, transfer_id: bytes, layer: int, error: Exception) -> None:
+        with self.cond:
+            self.failures.append(error)
+            self.cond.notify_all()
 
     def on_data(self, channel: Channel, transfer_id: bytes, layer: int, nbytes: int, n_segments: int) -> None:
         if self.reply:

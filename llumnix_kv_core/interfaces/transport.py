@@ -27,12 +27,15 @@ class TransportConfig:
     :param connect_timeout_s: give up connecting after this long.
     :param io_timeout_s: a send or receive that makes no progress this long fails the channel.
     :param connections_per_peer: parallel connections opened by ``connect``.
+    :param digest: a transport that carries digests (``wire.F_DIGEST``) sends one with every DATA
+        segment and fails, on receipt, a frame without them; frames that carry them are always checked.
     :param extra: transport-specific options from the user's configuration.
     """
 
     connect_timeout_s: float = 10.0
     io_timeout_s: float = 30.0
     connections_per_peer: int = 2
+    digest: bool = True
     extra: tuple[tuple[str, Any], ...] = ()
 
 
@@ -40,8 +43,8 @@ class FrameHandler(abc.ABC):
     """What the side that owns a listener or a peer does with incoming frames."""
 
     @abc.abstractmethod
-    def accept_data(self, transfer_id: bytes, layer: int) -> bool:
-        """Whether a DATA frame may be written into registered memory.
+    def accept_data(self, transfer_id: bytes, layer: int, epoch: int) -> bool:
+        """Whether a DATA frame (of allocation ``epoch``) may be written into registered memory.
 
         Called on the receive thread before the payload is read. False makes the
         transport read the payload into scratch and drop it (a fenced transfer).
@@ -49,7 +52,14 @@ class FrameHandler(abc.ABC):
 
     @abc.abstractmethod
     def on_data(self, channel: Channel, transfer_id: bytes, layer: int, nbytes: int, n_segments: int) -> None:
-        """A DATA frame's payload is fully written into registered memory."""
+        """A DATA frame's payload is fully written into registered memory (and passed its digests)."""
+
+    @abc.abstractmethod
+    def on_data_failed(self, channel: Channel, transfer_id: bytes, layer: int, error: Exception) -> None:
+        """A DATA frame's payload was written but must not be used (e.g. a digest mismatch): ``error`` says why.
+
+        Called instead of ``on_data``, after the frame was accepted; the transfer cannot succeed.
+        """
 
     @abc.abstractmethod
     def on_control(self, channel: Channel, kind: Kind, transfer_id: bytes, body: dict[str, Any]) -> None:
@@ -79,9 +89,13 @@ class Channel(abc.ABC):
         dst_offsets: np.ndarray,
         lengths: np.ndarray,
         ready_event: int | None = None,
+        epoch: int = 0,
     ) -> int:
         """Send local segments ``src_addrs[i]`` (``lengths[i]`` bytes) to be written at
         ``dst_offsets[i]`` of the peer's registered region ``dst_regions[i]``.
+
+        ``epoch`` is the receiver's allocation epoch of the transfer (see :mod:`llumnix_kv_core.wire`),
+        carried by the frame to the peer's ``accept_data``.
 
         Blocks until the bytes are handed to the link; returns bytes sent. No Python
         loop per segment. ``ready_event`` (a CUDA event handle, GPU sources) must complete

@@ -7,6 +7,7 @@ Use this module, not ``llumnix_kv_core._native`` directly::
     native.copy_segments(src_addrs, dst_addrs, lengths)
     native.send_segments(sock, header, addrs, lengths, timeout_s=5.0)
     native.recv_segments(sock, addrs, lengths, timeout_s=5.0)
+    digests = native.digest_segments(addrs, lengths)
     if native.has("cuda"):
         native.cuda().copy_segments(src, dst, lengths, stream)
 
@@ -42,6 +43,7 @@ __all__ = [
     "cma_copy",
     "copy_segments",
     "cuda",
+    "digest_segments",
     "fallback_reason",
     "has",
     "implementation",
@@ -107,6 +109,16 @@ def copy_segments(src_addrs: Any, dst_addrs: Any, lengths: Any, num_threads: int
     overlap. Raises ValueError for mismatched, non-uint64 or null/wrapping segments.
     """
     _impl.copy_segments(_u64(src_addrs), _u64(dst_addrs), _u64(lengths), num_threads)
+
+
+def digest_segments(addrs: Any, lengths: Any) -> np.ndarray:
+    """XXH3-64 of each segment (``lengths[i]`` bytes at ``addrs[i]``, host memory): a numpy.uint64 array.
+
+    Seed 0 and the default secret, as the xxHash specification defines XXH3-64; the compiled core
+    (AVX2 where the CPU has it) and the NumPy fallback give identical digests. Raises ValueError for
+    mismatched, non-uint64 or null/wrapping segments.
+    """
+    return _impl.digest_segments(_u64(addrs), _u64(lengths))
 
 
 def send_segments(fd: Any, header: Any, addrs: Any, lengths: Any, timeout_s: float | None) -> int:
@@ -220,7 +232,7 @@ _capabilities: frozenset[str] | None = None
 def capabilities() -> frozenset[str]:
     """Features available here.
 
-    ``cpu_copy`` and ``socket_io`` always; ``native`` and ``threaded_copy`` with the compiled
+    ``cpu_copy``, ``socket_io`` and ``digest`` always; ``native`` and ``threaded_copy`` with the compiled
     core; ``cuda`` (plus the CUDA module's own, e.g. ``cuda_copy``, ``cuda_ipc``) when the CUDA
     module loads and sees at least one GPU. Probed once, then cached.
     """

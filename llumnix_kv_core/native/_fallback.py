@@ -2,8 +2,9 @@
 
 Same functions, signatures, error types and messages as the compiled module,
 only slower: copies are one ``ctypes.memmove`` per segment on the calling
-thread, and socket transfers use ``os.writev``/``os.readv`` over memoryviews of
-the segments with ``select.poll`` for waiting.
+thread, socket transfers use ``os.writev``/``os.readv`` over memoryviews of
+the segments with ``select.poll`` for waiting, and digests are XXH3-64 in NumPy
+(:mod:`llumnix_kv_core.native._xxh3`), bit-identical to the compiled core's.
 
 One difference: on a *blocking* fd the compiled module still sends with
 ``MSG_DONTWAIT``, so ``timeout_s`` bounds every wait; here a blocking
@@ -23,6 +24,8 @@ import time
 from typing import Any
 
 import numpy as np
+
+from llumnix_kv_core.native import _xxh3
 
 __version__ = "fallback"
 
@@ -45,7 +48,7 @@ _IOV_MAX = _iov_max()
 
 def capabilities() -> list[str]:
     """Features this implementation provides."""
-    return ["cpu_copy", "socket_io"]
+    return ["cpu_copy", "socket_io", "digest"]
 
 
 # --------------------------------------------------------------- validation
@@ -198,6 +201,15 @@ def copy_segments(src_addrs: Any, dst_addrs: Any, lengths: Any, num_threads: int
     for s, d, n in zip(src.tolist(), dst.tolist(), lens.tolist(), strict=True):
         if n:
             memmove(d, s, n)
+
+
+def digest_segments(addrs: Any, lengths: Any) -> np.ndarray:
+    """XXH3-64 (seed 0, default secret) of each segment: a numpy.uint64 array of len(lengths) digests."""
+    a = _u64_array(addrs, "addrs")
+    lens = _u64_array(lengths, "lengths")
+    _check_same_size("addrs", a, "lengths", lens)
+    _checked_total("addrs", a, lens)
+    return _xxh3.digest_segments(a, lens)
 
 
 def send_segments(fd: Any, header: Any, addrs: Any, lengths: Any, timeout_s: float | None) -> int:

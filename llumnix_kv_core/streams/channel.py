@@ -231,16 +231,21 @@ class StreamChannel(Channel):
         dst_offsets: np.ndarray,
         lengths: np.ndarray,
         ready_event: int | None = None,
+        epoch: int = 0,
     ) -> int:
         """Check the segments, then send one DATA frame (:meth:`_send_data`); returns its payload bytes."""
         src, regions, offsets, lens = checked_segments(self.transport_name, layer, src_addrs, dst_regions,
                                                        dst_offsets, lengths)
-        return self._send_data(transfer_id, layer, src, regions, offsets, lens, ready_event)
+        if not 0 <= epoch <= wire.MAX_EPOCH:
+            msg = f"{self.transport_name} send_data: epoch {epoch} does not fit the frame (0 .. 2**64 - 1)"
+            raise ValueError(msg)
+        return self._send_data(transfer_id, layer, src, regions, offsets, lens, ready_event, epoch)
 
     @abc.abstractmethod
     def _send_data(self, transfer_id: str | bytes, layer: int, src: np.ndarray, regions: np.ndarray,
-                   offsets: np.ndarray, lens: np.ndarray, ready_event: int | None) -> int:
-        """Send one DATA frame of checked uint64 segment arrays; returns the payload bytes."""
+                   offsets: np.ndarray, lens: np.ndarray, ready_event: int | None, epoch: int) -> int:
+        """Send one DATA frame of checked uint64 segment arrays, stamped with ``epoch``; returns the payload
+        bytes."""
 
     # -- receiving ---------------------------------------------------------------------------
     def _read_exact(self, n: int, mid_frame: bool = True) -> bytearray:
@@ -254,10 +259,13 @@ class StreamChannel(Channel):
             got += k
         return buf
 
-    def _read_table(self, h: wire.FrameHeader) -> np.ndarray:
-        """The segment table that follows a DATA frame's header, checked against it."""
-        return wire.unpack_table(self._read_exact(h.n_segments * wire.TABLE_DTYPE.itemsize),
-                                 h.n_segments, h.payload_len)
+    def _read_table(self, h: wire.FrameHeader) -> tuple[np.ndarray, int, np.ndarray | None]:
+        """The segment table that follows a DATA frame's header, checked against it, then the frame's epoch
+        and its digests (None without ``F_DIGEST``)."""
+        table = wire.unpack_table(self._read_exact(h.n_segments * wire.TABLE_DTYPE.itemsize),
+                                  h.n_segments, h.payload_len)
+        epoch, digests = wire.unpack_data_ext(self._read_exact(wire.data_ext_size(h)), h)
+        return table, epoch, digests
 
     def _wait_frame(self) -> None:
         """Wait (without a deadline: an idle channel is fine) until the next frame starts."""
@@ -283,14 +291,24 @@ class StreamChannel(Channel):
     def _on_data_header(self, h: wire.FrameHeader) -> None:
         """A DATA frame's header arrived (its table and payload follow): receive or drop it."""
 
-    def _accept(self, h: wire.FrameHeader) -> bool:
+    def _accept(self, h: wire.FrameHeader, epoch: int) -> bool:
         """The handler's ``accept_data``; a handler that raises refuses the payload."""
         try:
-            return bool(self._handler.accept_data(h.transfer_id, h.layer))
+            return bool(self._handler.accept_data(h.transfer_id, h.layer, epoch))
         except Exception:
             self.log.exception("%s channel %s: accept_data handler raised (payload dropped)",
                                self.transport_name, self.peer_name)
             return False
+
+    def _deliver_failed(self, transfer_id: bytes, layer: int, error: Exception) -> None:
+        """The handler's ``on_data_failed``: the payload is in place but must not be used."""
+        self.log.error("%s channel %s: DATA of transfer %s failed: %s", self.transport_name, self.peer_name,
+                       transfer_id.hex(), error)
+        try:
+            self._handler.on_data_failed(self, transfer_id, layer, error)
+        except Exception as exc:  # the failure must reach the handler: closing the channel fails its transfers
+            msg = f"{self.transport_name} channel {self.peer_name}: on_data_failed handler raised {exc!r}"
+            raise TransferError(msg) from exc
 
     def _deliver(self, transfer_id: bytes, layer: int, nbytes: int, n_segments: int) -> None:
         """The handler's ``on_data``, once the payload is in place."""

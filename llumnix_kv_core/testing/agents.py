@@ -81,16 +81,17 @@ def expected_after(p: KVCache, pb: list[int], d: KVCache, db: list[int], layers:
 
 @contextlib.contextmanager
 def agents(factory: Callable[[TransportConfig], Transport], thread_prefix: str) -> Iterator[Callable[..., KVAgent]]:
-    """``make(layouts, signature, timeout_s=10.0, listen=False, connections=2, tp=(rank, size)) -> KVAgent``
-    over transports built by ``factory``.
+    """``make(layouts, signature, timeout_s=10.0, listen=False, connections=2, tp=(rank, size), digest=True)
+    -> KVAgent`` over transports built by ``factory``.
 
     Every agent is closed at the end, and no thread whose name starts with ``thread_prefix`` may outlive it.
     """
     made: list[KVAgent] = []
 
     def make(layouts: list[KVLayout], signature: dict[str, Any], *, timeout_s: float = 10.0, listen: bool = False,
-             connections: int = 2, tp: tuple[int, int] = (0, 1)) -> KVAgent:
-        cfg = TransportConfig(connect_timeout_s=5.0, io_timeout_s=10.0, connections_per_peer=connections)
+             connections: int = 2, tp: tuple[int, int] = (0, 1), digest: bool = True) -> KVAgent:
+        cfg = TransportConfig(connect_timeout_s=5.0, io_timeout_s=10.0, connections_per_peer=connections,
+                              digest=digest)
         agent = KVAgent(factory(cfg), list(layouts), dict(signature), timeout_s=timeout_s, tp_rank=tp[0],
                         tp_size=tp[1])
         made.append(agent)

@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 
+from llumnix_kv_core import native
 from llumnix_kv_core import wire
 from llumnix_kv_core.interfaces.transport import Channel
 from llumnix_kv_core.interfaces.transport import FrameHandler
@@ -35,7 +36,7 @@ class Recorder(FrameHandler):
 
     def __init__(self, refuse: set[bytes] | None = None,
                  on_control_cb: Callable[[Channel, Kind, bytes, dict[str, Any]], None] | None = None,
-                 accept_cb: Callable[[bytes, int], bool] | None = None) -> None:
+                 accept_cb: Callable[[bytes, int, int], bool] | None = None) -> None:
         self.cond = threading.Condition()
         self.refuse = refuse or set()
         self.on_control_cb = on_control_cb
@@ -43,19 +44,25 @@ class Recorder(FrameHandler):
         self.data: list[tuple[Channel, bytes, int, int, int]] = []
         self.controls: list[tuple[Channel, Kind, bytes, dict[str, Any]]] = []
         self.closed: list[tuple[Channel, BaseException | None]] = []
-        self.asked: list[tuple[bytes, int]] = []
+        self.asked: list[tuple[bytes, int, int]] = []
+        self.failed: list[tuple[Channel, bytes, int, Exception]] = []
 
-    def accept_data(self, transfer_id: bytes, layer: int) -> bool:
+    def accept_data(self, transfer_id: bytes, layer: int, epoch: int) -> bool:
         with self.cond:
-            self.asked.append((transfer_id, layer))
+            self.asked.append((transfer_id, layer, epoch))
             self.cond.notify_all()
         if self.accept_cb is not None:
-            return self.accept_cb(transfer_id, layer)
+            return self.accept_cb(transfer_id, layer, epoch)
         return transfer_id not in self.refuse
 
     def on_data(self, channel, transfer_id, layer, nbytes, n_segments) -> None:
         with self.cond:
             self.data.append((channel, transfer_id, layer, nbytes, n_segments))
+            self.cond.notify_all()
+
+    def on_data_failed(self, channel, transfer_id, layer, error) -> None:
+        with self.cond:
+            self.failed.append((channel, transfer_id, layer, error))
             self.cond.notify_all()
 
     def on_control(self, channel, kind, transfer_id, body) -> None:
@@ -106,9 +113,20 @@ def expected_copy(src_buf: np.ndarray, dst_size: int, src_off, dst_off, lengths,
 
 def raw_frame(kind: Kind, *, tid: bytes = b"\x01" * 16, body: bytes = b"", table: bytes = b"",
               n_segments: int = 0, payload_len: int = 0, magic: int = wire.MAGIC,
-              version: int = wire.VERSION) -> bytes:
-    head = wire.HEADER.pack(magic, version, int(kind), tid, 0, n_segments, len(body), 0, payload_len)
-    return head + body + table
+              version: int = wire.VERSION, layer: int = 0, epoch: int = 0,
+              digests: np.ndarray | None = None) -> bytes:
+    """A frame's bytes up to its payload; a DATA frame's end with its epoch and ``digests`` (if given)."""
+    flags = wire.F_DIGEST if digests is not None else 0
+    head = wire.HEADER.pack(magic, version, int(kind), tid, layer, n_segments, len(body), flags, payload_len)
+    ext = wire.pack_data_ext(epoch, digests) if kind == Kind.DATA else b""
+    return head + body + table + ext
+
+
+def payload_digests(payload: bytes, lengths: list[int]) -> np.ndarray:
+    """The digests of ``payload`` cut into segments of ``lengths``, as a sender computes them."""
+    buf = np.frombuffer(payload, dtype=np.uint8)
+    starts = np.cumsum([0, *lengths[:-1]], dtype=np.uint64)
+    return native.digest_segments(starts + np.uint64(buf.ctypes.data), np.asarray(lengths, dtype=np.uint64))
 
 
 def read_frame(sock: socket.socket, timeout: float = WAIT_S) -> tuple[wire.FrameHeader, dict] | None:

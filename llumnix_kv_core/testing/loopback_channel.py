@@ -56,6 +56,7 @@ class _Data:
     offsets: np.ndarray
     lengths: np.ndarray
     payload: np.ndarray
+    epoch: int
 
     @property
     def nbytes(self) -> int:
@@ -184,8 +185,9 @@ class LoopbackChannel(Channel):
         dst_offsets: np.ndarray,
         lengths: np.ndarray,
         ready_event: int | None = None,
+        epoch: int = 0,
     ) -> int:
-        """Stage the source segments and queue one DATA frame; returns its payload bytes."""
+        """Stage the source segments and queue one DATA frame of allocation ``epoch``; returns its payload bytes."""
         src, regions, offsets, lens = checked_segments(NAME, layer, src_addrs, dst_regions, dst_offsets, lengths)
         if self.closed:
             raise self._closed_error()
@@ -196,7 +198,7 @@ class LoopbackChannel(Channel):
         if total:
             starts = np.cumsum(lens, dtype=np.uint64) - lens
             native.copy_segments(src, starts + np.uint64(payload.ctypes.data), lens)
-        self._post(_Data(_tid(transfer_id), layer, regions, offsets, lens, payload))
+        self._post(_Data(_tid(transfer_id), layer, regions, offsets, lens, payload, int(epoch)))
         return total
 
     # -- receiving ---------------------------------------------------------------------------
@@ -244,7 +246,7 @@ class LoopbackChannel(Channel):
             self._callback("on_control", self, frame.kind, frame.tid, frame.body)
             return
         try:
-            accepted = bool(self._handler.accept_data(frame.tid, frame.layer))
+            accepted = bool(self._handler.accept_data(frame.tid, frame.layer, frame.epoch))
         except Exception:
             log.exception("%s channel %s: accept_data handler raised (payload dropped)", NAME, self.peer_name)
             accepted = False

@@ -71,7 +71,7 @@ def test_env_forces_fallback():
     assert r.returncode == 0, r.stderr
     lines = r.stdout.splitlines()
     assert lines[0].startswith("fallback disabled by LLUMNIX_KV_NATIVE=0")
-    assert lines[1] == "['cpu_copy', 'socket_io']"
+    assert lines[1] == "['cpu_copy', 'digest', 'socket_io']"
     assert lines[2].startswith("NativeUnavailableError")
     assert "LLUMNIX_KV_NATIVE" in lines[2]
 
@@ -157,7 +157,7 @@ def test_cuda_entry_point_is_consistent():
 def test_pure_python_import_of_fallback_module():
     from llumnix_kv_core.native import _fallback
 
-    assert {"cpu_copy", "socket_io"} == set(_fallback.capabilities())
+    assert {"cpu_copy", "socket_io", "digest"} == set(_fallback.capabilities())
 
 
 @pytest.mark.skipif(native.implementation != "native", reason="needs the compiled core (implementation is fallback)")

@@ -140,7 +140,7 @@ class DataTests(ConformanceBase):
         ok = wire.new_transfer_id()
         ch.send_data(ok, 2, np.uint64(src.ctypes.data) + s_off[:10], regions[:10], d_off[:10], lengths[:10])
         p.shand.wait(lambda r: len(r.data) == 1)
-        assert p.shand.asked == [(bytes.fromhex(refused), 1), (bytes.fromhex(ok), 2)]
+        assert p.shand.asked == [(bytes.fromhex(refused), 1, 0), (bytes.fromhex(ok), 2, 0)]
         assert p.shand.data[0][1] == bytes.fromhex(ok)  # on_data only for the accepted frame
         assert [(k, b) for _, k, _, b in p.shand.controls] == [(Kind.DONE, {"n": 1})]
         base = np.full(8 << 20, 0xAB, np.uint8)
@@ -161,7 +161,7 @@ class DataTests(ConformanceBase):
     def test_handler_accept_exception_drops_the_payload(self, make_transport):
         bad = b"\x0b" * 16
 
-        def accept(tid: bytes, _layer: int) -> bool:
+        def accept(tid: bytes, _layer: int, _epoch: int) -> bool:
             if tid == bad:
                 raise RuntimeError("handler bug")
             return True

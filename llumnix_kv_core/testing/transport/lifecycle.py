@@ -78,7 +78,7 @@ class LifecycleTests(ConformanceBase):
         after io_timeout_s, and the channel is closed."""
         gate = threading.Event()
         p = self.connect_pair(make_transport, connections=1, server_regions={1: 16 << 20},
-                              shand=Recorder(accept_cb=lambda _tid, _layer: gate.wait(30.0)),
+                              shand=Recorder(accept_cb=lambda _tid, _layer, _epoch: gate.wait(30.0)),
                               client_config={"io_timeout_s": 0.5})
         ch = p.peer.channels[0]
         src = np.zeros(16 << 20, np.uint8)

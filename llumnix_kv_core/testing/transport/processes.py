@@ -160,7 +160,7 @@ class ProcessTests(ConformanceBase):
         q = CTX.Queue()
         gate = threading.Event()
 
-        def accept(_tid: bytes, _layer: int) -> bool:
+        def accept(_tid: bytes, _layer: int, _epoch: int) -> bool:
             q.put("accepting")
             gate.wait(WAIT_S)  # hold the payload back until the sender is dead
             return True

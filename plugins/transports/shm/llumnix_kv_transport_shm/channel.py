@@ -259,7 +259,7 @@ class ShmChannel(StreamChannel):
 
     # -- sending DATA ------------------------------------------------------------------------
     def _send_data(self, transfer_id: str | bytes, layer: int, src: np.ndarray, regions: np.ndarray,
-                   offsets: np.ndarray, lens: np.ndarray, ready_event: int | None) -> int:
+                   offsets: np.ndarray, lens: np.ndarray, ready_event: int | None, epoch: int) -> int:
         """Send one DATA frame through the path its destination takes; returns the payload bytes.
 
         ``ready_event`` (a CUDA event handle) is waited for on the GPU before a GPU copy starts;
@@ -280,7 +280,8 @@ class ShmChannel(StreamChannel):
         if gpu and not (kinds == 2).all():
             msg = "one frame mixes host and GPU destination regions; send one frame per memory kind"
             raise ValueError(msg)
-        out = Outgoing(transfer_id, layer, src, regions, offsets, lens, total, gpu, ready_event if gpu else None)
+        out = Outgoing(transfer_id, layer, src, regions, offsets, lens, total, gpu, ready_event if gpu else None,
+                       epoch)
         if gpu:
             return self._direct.send(out)
         if ready_event is not None:
@@ -323,7 +324,10 @@ class ShmChannel(StreamChannel):
         if path is None:
             msg = f"DATA frame with flags 0x{h.flags:x}: an shm channel carries payloads only through its ring or IPC"
             raise FrameError(msg)
-        table = self._read_table(h)
+        if h.flags & wire.F_DIGEST:
+            msg = "DATA frame with digests: an shm channel carries none (both sides must run the shm transport)"
+            raise FrameError(msg)
+        table, epoch, _ = self._read_table(h)
         lengths = np.ascontiguousarray(table["length"])
         region_ids = np.ascontiguousarray(table["region"])
         addrs = self._memory.resolve(region_ids, np.ascontiguousarray(table["offset"]), lengths)
@@ -333,7 +337,7 @@ class ShmChannel(StreamChannel):
                 kind = "GPU" if want_gpu else "host"
                 msg = f"a {kind}-memory frame names region {rid}, which is not {kind} memory on this side"
                 raise FrameError(msg)
-        self._pending = Incoming(h.transfer_id, h.layer, mode, h.payload_len, h.n_segments, self._accept(h),
+        self._pending = Incoming(h.transfer_id, h.layer, mode, h.payload_len, h.n_segments, self._accept(h, epoch),
                                  np.ascontiguousarray(addrs, dtype=np.uint64), lengths, payload_starts(lengths))
         path.receive(self._pending)
 

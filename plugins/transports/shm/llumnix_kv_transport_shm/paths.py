@@ -46,12 +46,13 @@ class Outgoing:
     total: int  # payload bytes, the sum of ``lengths``
     gpu: bool  # the destinations are GPU memory of the peer
     ready_event: int | None  # CUDA event the copy waits for (GPU destinations only)
+    epoch: int = 0  # the receiver's allocation epoch of the transfer
 
     def frame(self, flag: int) -> bytes:
-        """Header (with the path's ``flag``) and segment table."""
+        """Header (with the path's ``flag``), segment table and epoch (shm frames carry no digests)."""
         head = wire.pack_header(Kind.DATA, self.transfer_id, layer=self.layer, n_segments=len(self.lengths),
                                 payload_len=self.total, flags=flag)
-        return head + wire.pack_table(self.regions, self.offsets, self.lengths)
+        return head + wire.pack_table(self.regions, self.offsets, self.lengths) + wire.pack_data_ext(self.epoch)
 
 
 @dataclass

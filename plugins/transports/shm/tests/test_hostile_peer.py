@@ -29,11 +29,11 @@ def message(op: str, **fields) -> bytes:
 
 
 def next_frame(s: socket.socket) -> tuple[wire.FrameHeader, dict]:
-    """The next frame (a DATA frame's table is read and dropped); fails the test on EOF."""
+    """The next frame (a DATA frame's table and epoch are read and dropped); fails the test on EOF."""
     reply = read_frame(s, timeout=5.0)
     assert reply is not None, "the listener closed the connection without a word"
     h, body = reply
-    want = h.n_segments * wire.TABLE_DTYPE.itemsize
+    want = h.n_segments * wire.TABLE_DTYPE.itemsize + (wire.data_ext_size(h) if h.kind == Kind.DATA else 0)
     while want:
         want -= len(s.recv(want))
     return h, body

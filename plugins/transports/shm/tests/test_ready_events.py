@@ -17,9 +17,9 @@ def test_each_layer_frame_carries_its_layers_event(monkeypatch):
     seen: list[tuple[int, int | None]] = []
     original = ShmChannel.send_data
 
-    def recording(self, transfer_id, layer, *arrays, ready_event=None):
+    def recording(self, transfer_id, layer, *arrays, ready_event=None, epoch=0):
         seen.append((layer, ready_event))
-        return original(self, transfer_id, layer, *arrays)  # host memory here: nothing to wait for
+        return original(self, transfer_id, layer, *arrays, epoch=epoch)  # host memory here: nothing to wait for
 
     monkeypatch.setattr(ShmChannel, "send_data", recording)
     _p_pool, p_layout = _cache(3)  # the pools stay referenced: the agents read and write them

@@ -36,4 +36,5 @@ class TcpTransport(StreamTransport):
 
     def _channel(self, sock: socket.socket, peer_name: str, handler: FrameHandler,
                  memory: MemoryRegistry) -> TcpChannel:
-        return TcpChannel(sock, peer_name, handler, memory, self.config.io_timeout_s, on_exit=self._forget)
+        return TcpChannel(sock, peer_name, handler, memory, self.config.io_timeout_s, on_exit=self._forget,
+                          digest=self.config.digest)

@@ -15,6 +15,7 @@ from llumnix_kv_core import wire
 from llumnix_kv_core.errors import FrameError
 from llumnix_kv_core.memory import MemoryRegistry
 from llumnix_kv_core.testing.frames import Recorder
+from llumnix_kv_core.testing.frames import payload_digests
 from llumnix_kv_core.testing.frames import raw_frame
 from llumnix_kv_core.testing.frames import read_frame
 from llumnix_kv_core.testing.frames import registered
@@ -36,7 +37,8 @@ def server(make_transport):
 def test_valid_frames_before_garbage_are_delivered(server):
     addr, handler, buf = server
     table = wire.pack_table(np.ones(1, np.uint64), np.zeros(1, np.uint64), np.array([4], np.uint64))
-    data = raw_frame(Kind.DATA, table=table, n_segments=1, payload_len=4) + b"\xee" * 4
+    data = raw_frame(Kind.DATA, table=table, n_segments=1, payload_len=4,
+                     digests=payload_digests(b"\xee" * 4, [4])) + b"\xee" * 4
     with socket.create_connection(addr) as s:
         s.sendall(data + raw_frame(Kind.HELLO, body=b'{"a":1}') + b"\xff" * 48)
         h, _ = read_frame(s)
